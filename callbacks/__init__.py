@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning-alphaedit (installed as ``lightning_alphaedit.callbacks``)."""
+
+from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
+
+__all__ = ["NullSpaceUpdate"]

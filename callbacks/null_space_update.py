@@ -1,0 +1,184 @@
+"""``NullSpaceUpdate``: the callback that edits the weights after every batch.
+
+At fit start it loads (or computes) the preserved-key statistics C0 of the edited layers
+and builds the null-space bases (AlphaEdit) or keeps C0 (MEMIT). After each training
+step it applies the closed-form update of the batch, layer by layer, with the target
+values the step produced, and grows the sequential cache. It owns the edit state in the
+checkpoint (edited weights, caches, counters) and writes the edited model at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_alphaedit.corpus import load_corpus
+from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.export import export_edited_model, run_directory
+from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
+from lightning_alphaedit.update import METHODS, SequentialEditor
+
+log = logging.getLogger(__name__)
+
+REJECTION_POLICIES = ("continue", "stop")
+
+
+class NullSpaceUpdate(pl.Callback):
+    """Applies the projected closed-form update of each edit batch.
+
+    Args:
+        layers: Edited layers, increasing (e.g. ``[4, 5, 6, 7, 8]`` for Llama-3-8B). Target values
+            are optimised at the last of them.
+        method: ``alphaedit`` (update confined to the null space of C0) or ``memit`` (the baseline).
+        l2: λ of the AlphaEdit solve (``L2`` in the released configs).
+        nullspace_threshold: Eigenvalues of C0 below this span the null space (absolute, as the paper).
+        mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
+        statistics: How C0 is collected and cached.
+        on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
+        export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
+        export_dir: Where to save it; None = ``<run directory>/edited_model``.
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        method: str = "alphaedit",
+        l2: float = 10.0,
+        nullspace_threshold: float = 2e-2,
+        mom2_weight: float = 15000.0,
+        statistics: StatisticsConfig = StatisticsConfig(),
+        on_rejected: str = "continue",
+        export: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if on_rejected not in REJECTION_POLICIES:
+            raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
+        if not layers or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be a non-empty increasing list, got {layers}")
+        self.layers, self.method = list(layers), method
+        self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
+        self.statistics, self.on_rejected = statistics, on_rejected
+        self.export, self.export_dir = export, export_dir
+        self.editor: SequentialEditor | None = None
+        self.edits_applied = 0
+        self.applied_requests: list = []
+        self.rejected: list[dict] = []
+        self.exported_to = None
+        self._original_weights: dict[int, torch.Tensor] = {}
+        self._restored: dict | None = None
+
+    # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if not isinstance(trainer.datamodule, EditStreamDataModule):
+            raise RuntimeError("NullSpaceUpdate needs an EditStreamDataModule passed to trainer.fit(datamodule=...)")
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise RuntimeError("edit epochs serve successive chunks: set Trainer(reload_dataloaders_every_n_epochs=1)")
+        targets = pl_module.targets
+        if self.layers[-1] >= targets.num_layers:
+            raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
+        pl_module.prepare_editing(self.layers[-1])
+        corpus = load_corpus(self.statistics.corpus, self.statistics.text_field)
+        moments = layer_statistics(
+            pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
+            pl_module.lm_config.identity, corpus,
+        )
+        self.editor = SequentialEditor(
+            targets, self.layers, moments, method=self.method, l2=self.l2,
+            nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
+        )
+        self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
+        if self.method == "alphaedit":
+            ranks = {f"nullspace/rank_layer{l}": float(s.rank) for l, s in self.editor.null_spaces.items()}
+            log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
+            for logger in trainer.loggers:
+                logger.log_metrics(ranks, step=0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
+        # the statistics were taken from the unedited model, now the edits come back.
+        if self._restored is None:
+            return
+        state, self._restored = self._restored, None
+        self.editor.load_state_dict(state["editor"])
+        with torch.no_grad():
+            for layer in self.layers:
+                pl_module.targets.weight(layer).copy_(state["weights"][str(layer)])
+        self.edits_applied = state["edits_applied"]
+        self.applied_requests = [EditRequest.from_dict(r) for r in state["applied_requests"]]
+        self.rejected = list(state["rejected"])
+
+    # --- after every training step: the update -----------------------------------------------
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        requests, values = outputs["requests"], outputs["targets"]
+        outcome = self.editor.apply_batch(
+            values,
+            keys_at=lambda layer: pl_module.keys(requests, layer),
+            current_values=lambda: pl_module.current_values(requests),
+        )
+        trainer.datamodule.advance(len(requests))
+        if outcome.applied:
+            self.edits_applied += len(requests)
+            self.applied_requests.extend(requests)
+            for layer, norm in outcome.delta_norms.items():
+                pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
+        else:
+            self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
+            log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
+            if self.on_rejected == "stop":
+                trainer.should_stop = True
+        pl_module.log("edit/edits_applied", float(self.edits_applied), batch_size=len(requests))
+        pl_module.log("edit/batches_rejected", float(len(self.rejected)), batch_size=len(requests))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.datamodule.exhausted:
+            trainer.should_stop = True
+
+    # --- end of fit: the edited model -----------------------------------------------------------
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.export or not trainer.is_global_zero or self.editor is None:
+            return
+        directory = self.export_dir or run_directory(trainer) / "edited_model"
+        self.exported_to = export_edited_model(
+            directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module), self.applied_requests,
+            summary={
+                "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
+                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
+                "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
+                "model": pl_module.lm_config.identity,
+            },
+        )
+        log.info("edited model written to %s", self.exported_to)
+
+    def deltas(self, pl_module) -> dict[str, torch.Tensor]:
+        """Edited minus original weight of each edited parameter, in the parameter's layout."""
+        targets = pl_module.targets
+        return {
+            targets.weight_name(l): targets.weight(l).detach().cpu().float() - self._original_weights[l].float()
+            for l in self.layers
+        }
+
+    # --- checkpoint state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        if self.editor is None:
+            return {}
+        targets = self.editor.targets
+        return {
+            "editor": self.editor.state_dict(),
+            "weights": {str(l): targets.weight(l).detach().to("cpu", copy=True) for l in self.layers},
+            "edits_applied": self.edits_applied,
+            "applied_requests": [r.to_dict() for r in self.applied_requests],
+            "rejected": list(self.rejected),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict or None

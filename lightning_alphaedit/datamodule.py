@@ -1,0 +1,129 @@
+"""The edit stream as a LightningDataModule: epoch e serves the e-th chunk of the stream.
+
+A sequential editing run edits N requests in batches of ``batch_size``; ``edits_per_epoch``
+requests make one edit "epoch", after which validation measures every edit so far. The
+module records how far the stream has been applied (``position``), so a run resumed from
+a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from lightning_alphaedit.requests import EditRequest, read_requests, validate_requests
+
+
+def _as_list(batch: list[EditRequest]) -> list[EditRequest]:
+    return batch
+
+
+class EditStreamDataModule(pl.LightningDataModule):
+    """Streams edit requests from a file in order (or a seeded shuffle of it).
+
+    Args:
+        path: Edit requests: CounterFact (original or EasyEdit), zsRE-MEND, or the project's JSONL.
+            A bare name like ``tiny_edits.jsonl`` is looked up in the package's data folder too.
+        format: ``auto`` (detect), ``counterfact``, ``easyedit_counterfact``, ``zsre`` or ``jsonl``.
+        batch_size: Requests per edit batch (one training step).
+        edits_per_epoch: Requests per edit epoch; validation runs after each. None = the whole stream.
+        limit: Edit only the first ``limit`` requests (after shuffling). None = all.
+        shuffle: Shuffle the stream once, with ``seed``.
+        seed: Seed of the shuffle.
+        eval_batch_size: Requests per validation batch.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        format: str = "auto",
+        batch_size: int = 100,
+        edits_per_epoch: int | None = None,
+        limit: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        eval_batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (edits_per_epoch is not None and edits_per_epoch < 1):
+            raise ValueError("batch_size and edits_per_epoch must be >= 1")
+        if edits_per_epoch is not None and edits_per_epoch % batch_size:
+            raise ValueError(f"edits_per_epoch ({edits_per_epoch}) must be a multiple of batch_size ({batch_size})")
+        self.path, self.format, self.batch_size = path, format, batch_size
+        self.edits_per_epoch, self.limit, self.shuffle, self.seed = edits_per_epoch, limit, shuffle, seed
+        self.eval_batch_size = eval_batch_size
+        self.requests: list[EditRequest] = []
+        self.position = 0  # requests of the stream applied so far
+
+    @property
+    def source(self) -> Path:
+        path = Path(self.path).expanduser()
+        if not path.exists() and not path.is_absolute():
+            packaged = Path(__file__).parent / "data" / self.path
+            if packaged.exists():
+                return packaged
+        return path
+
+    def load(self, tokenizer=None) -> list[EditRequest]:
+        """Read and validate the whole stream (before anything is edited)."""
+        requests = read_requests(self.source, format=self.format)
+        if tokenizer is not None:
+            validate_requests(requests, tokenizer, source=str(self.source))
+        if self.shuffle:
+            random.Random(self.seed).shuffle(requests)
+        if self.limit is not None:
+            requests = requests[: self.limit]
+        return requests
+
+    def setup(self, stage: str) -> None:
+        if not self.requests:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.requests = self.load(getattr(module, "tokenizer", None))
+
+    @property
+    def chunk_size(self) -> int:
+        return self.edits_per_epoch or len(self.requests)
+
+    @property
+    def num_epochs(self) -> int:
+        """Edit epochs needed for the whole stream."""
+        return -(-len(self.requests) // self.chunk_size)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.position >= len(self.requests)
+
+    def advance(self, count: int) -> None:
+        """Called when ``count`` more requests of the stream have been processed."""
+        self.position += count
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        start, end = epoch * self.chunk_size, min((epoch + 1) * self.chunk_size, len(self.requests))
+        start = max(start, self.position)  # a resumed epoch skips what was applied
+        return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_list)
+
+    def val_dataloader(self) -> DataLoader:
+        """Every request edited so far."""
+        return DataLoader(self.requests[: self.position], batch_size=self.eval_batch_size, collate_fn=_as_list)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def stream_fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "stream": self.stream_fingerprint(), "size": len(self.requests)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.requests and state["stream"] != self.stream_fingerprint():
+            raise ValueError(
+                f"the checkpoint was made on another edit stream ({state['size']} requests, "
+                f"fingerprint {state['stream']}) than {self.source} ({len(self.requests)} requests)"
+            )
+        self.position = int(state["position"])

@@ -1,0 +1,69 @@
+"""Where a run writes, and the edited model it leaves behind (loadable by plain transformers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lightning_alphaedit.requests import EditRequest, write_jsonl
+
+DELTAS_FILE = "alphaedit_deltas.safetensors"
+EDITS_FILE = "alphaedit_edits.jsonl"
+
+
+def run_directory(trainer) -> Path:
+    """The run's own folder: the logger's ``save_dir/name/version`` (where Lightning puts
+    checkpoints), or ``default_root_dir`` without a logger."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    root = Path(logger.save_dir or trainer.default_root_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return root / str(logger.name) / version
+
+
+def export_edited_model(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizer,
+    deltas: Mapping[str, torch.Tensor],
+    applied: Sequence[EditRequest],
+    summary: Mapping,
+) -> Path:
+    """Write ``save_pretrained`` output plus the deltas of the edited weights and the applied edits.
+
+    ``deltas`` maps parameter names to (edited - original) in the parameter's own layout,
+    so ``param += delta`` re-applies the edit to the original model. The folder appears
+    atomically: it is written beside the target and renamed into place.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_file(
+            {name: d.detach().to("cpu").contiguous() for name, d in deltas.items()},
+            str(staging / DELTAS_FILE),
+            metadata={"parameters": json.dumps(sorted(deltas))},
+        )
+        write_jsonl(list(applied), staging / EDITS_FILE)
+        (staging / "alphaedit_summary.json").write_text(json.dumps(dict(summary), indent=2, default=str))
+        if target.exists():  # an earlier export of this same run (a resumed run): replace it
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,79 @@
+"""Loading the causal LM to edit: a hub id, a local folder, or a tiny random model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_alphaedit.targets import ModuleTemplates
+from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer, tiny_tokenizer
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to edit and how to load it."""
+
+    name_or_path: str | None = None
+    """A transformers model id or a local folder (e.g. ``gpt2-xl``, ``meta-llama/Meta-Llama-3-8B``).
+    None builds the randomly initialised model described by ``tiny``."""
+    tiny: TinyModelConfig | None = None
+    """A tiny randomly initialised model of a real architecture with a byte-level
+    tokenizer (tests, CI). Used when ``name_or_path`` is None."""
+    dtype: str | None = None
+    """Weights dtype (float32, bfloat16, float16); None follows the Trainer's precision."""
+    revision: str | None = None
+    """Model revision (branch, tag or commit) on the hub."""
+    gguf_file: str | None = None
+    """A GGUF file inside ``name_or_path`` to load and dequantize."""
+    templates: ModuleTemplates = field(default_factory=ModuleTemplates)
+    """Module paths for architectures whose parts are not detected automatically."""
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is None and self.tiny is None:
+            self.tiny = TinyModelConfig()
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)} or null, got {self.dtype!r}")
+
+    @property
+    def identity(self) -> str:
+        """Names the model for caches: its id/path, or the tiny config."""
+        if self.name_or_path is not None:
+            return f"{self.name_or_path}@{self.revision or 'default'}" + (f":{self.gguf_file}" if self.gguf_file else "")
+        return f"tiny:{self.tiny}"
+
+
+def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer, right-padded, with a pad token."""
+    if config.name_or_path is None:
+        return tiny_tokenizer(config.tiny)
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": config.revision}
+    if config.gguf_file:
+        kwargs["gguf_file"] = config.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """The causal LM in eval mode with every parameter frozen (only δ is optimised)."""
+    dtype = _DTYPES[config.dtype] if config.dtype else torch.get_default_dtype()
+    if config.name_or_path is None:
+        model, _ = tiny_model_and_tokenizer(config.tiny)
+        model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"revision": config.revision, "dtype": dtype}
+        if config.gguf_file:
+            kwargs["gguf_file"] = config.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    return model

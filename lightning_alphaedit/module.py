@@ -1,0 +1,151 @@
+"""``AlphaEditModule``: the value-vector optimization of each edit batch as a training step.
+
+The torch pieces (targets, prompts, values, keys) know nothing of Lightning; this module
+wires them into the Trainer. Its ``training_step`` runs the batched δ optimization with
+manual optimization and returns the target values; the ``NullSpaceUpdate`` callback then
+applies the closed-form weight update. Without that callback the module refuses to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MeanMetric
+
+from lightning_alphaedit.evaluation import counterfact_success
+from lightning_alphaedit.keys import block_outputs, request_keys
+from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
+from lightning_alphaedit.prompts import generate_context_templates
+from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.values import ValueOptimizationConfig, ValueResult, optimize_values
+
+
+@dataclass
+class ContextConfig:
+    """The context prefixes prepended to each rewrite prompt (seeded samples from the model)."""
+
+    starts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    """Words each context text is sampled from (one text per word)."""
+    length: int = 10
+    """Tokens per context text, start word included."""
+
+
+class AlphaEditModule(pl.LightningModule):
+    """Holds the causal LM (frozen) and optimises the target value of every edit request.
+
+    Args:
+        lm: Which language model to edit and how to load it.
+        values: Hyperparameters of the value-vector optimization.
+        context: Context prefixes of the rewrite prompts.
+        seed: Seeds every random choice of the module (the context prefixes).
+    """
+
+    def __init__(
+        self,
+        lm: ModelConfig = ModelConfig(),
+        values: ValueOptimizationConfig = ValueOptimizationConfig(),
+        context: ContextConfig = ContextConfig(),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lm_config, self.values, self.context, self.seed = lm, values, context, seed
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold no model weights, see on_save_checkpoint
+        self.lm: torch.nn.Module | None = None
+        self.targets: ModelTargets | None = None
+        self.context_templates: list[str] | None = None
+        self.edit_layer: int | None = None  # the last edited layer, set by the callback
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("efficacy", "generalization", "specificity")})
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.lm_config)
+
+    def configure_model(self) -> None:
+        if self.lm is None:
+            self.lm = load_model(self.lm_config, vocab_size=len(self.tokenizer))
+            self.targets = ModelTargets(self.lm, self.lm_config.templates)
+
+    def train(self, mode: bool = True) -> "AlphaEditModule":
+        # Lightning switches modules to train mode during fit; dropout would make every
+        # value, key and update random, so the language model always stays in eval mode.
+        super().train(mode)
+        if self.lm is not None:
+            self.lm.eval()
+        return self
+
+    def configure_optimizers(self):
+        return None  # δ has its own Adam inside each step; the model is frozen
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of requests (strings); tensors are made on the device later
+
+    def setup(self, stage: str) -> None:
+        from lightning_alphaedit.callbacks import NullSpaceUpdate
+
+        if stage == "fit" and not any(isinstance(cb, NullSpaceUpdate) for cb in self.trainer.callbacks):
+            raise RuntimeError(
+                "AlphaEditModule needs the NullSpaceUpdate callback, which applies the weight updates: "
+                "add it to Trainer(callbacks=[...]) (the lightning-alphaedit CLI always adds it)"
+            )
+
+    def prepare_editing(self, edit_layer: int) -> None:
+        """Called by the callback before any edit: fixes the optimised layer and the context prefixes."""
+        self.edit_layer = edit_layer
+        if self.context_templates is None:
+            self.context_templates = generate_context_templates(
+                self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
+            )
+
+    # --- what the callback reads -------------------------------------------------------------
+
+    def keys(self, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
+        """K1 of ``requests`` at ``layer`` on the current model: (u, d_in)."""
+        return request_keys(self.lm, self.tokenizer, self.targets, requests, layer, self.context_templates)
+
+    def current_values(self, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """Outputs of the last edited block at the subjects on the current model: (u, d_out)."""
+        return block_outputs(self.lm, self.tokenizer, self.targets, requests, self.edit_layer)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
+        if self.edit_layer is None or self.context_templates is None:
+            raise RuntimeError("training_step before NullSpaceUpdate prepared the module")
+        with torch.enable_grad():
+            result: ValueResult = optimize_values(
+                self.lm, self.tokenizer, self.targets, batch, self.edit_layer, self.context_templates, self.values
+            )
+        size = len(batch)
+        self.log("edit/value_loss", result.loss.mean(), batch_size=size, prog_bar=True)
+        self.log("edit/value_nll", result.nll.mean(), batch_size=size)
+        self.log("edit/value_steps", result.steps.float().mean(), batch_size=size)
+        return {"requests": batch, "targets": result.targets, "values": result}
+
+    def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+        scores = counterfact_success(self.lm, self.tokenizer, batch)
+        for name, values in scores.items():
+            self.val_metrics[name].update(values)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metrics.items():
+            if metric.update_count:
+                self.log(f"val/{name}", metric.compute())
+            metric.reset()
+
+    # --- checkpoints: only what this module owns ---------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen model is reloaded from its source; the edited layers are checkpointed by
+        # NullSpaceUpdate. Writing every weight of an 8B model per epoch would be wasteful.
+        checkpoint["state_dict"] = {}
+        checkpoint["context_templates"] = self.context_templates
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.context_templates = checkpoint.get("context_templates")

@@ -1,0 +1,230 @@
+"""Preserved-knowledge statistics: C0 = E[k kᵀ] of the keys at the edited layers.
+
+AlphaEdit projects every update onto the null space of C0, MEMIT regularises with it.
+C0 depends only on the unedited model, the layer, the corpus, the sample count and the
+truncation length, so it is computed once and cached on disk under a key made of exactly
+those (plus the accumulation dtype). All requested layers are collected in ONE forward
+pass per text batch, stopped after the last of them; padding is excluded.
+
+Pure torch + transformers (no Lightning), so it can be run and tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from lightning_alphaedit.algebra import KeyMoments
+from lightning_alphaedit.corpus import Corpus
+from lightning_alphaedit.hooks import capture_input, stop_after
+from lightning_alphaedit.paths import default_cache_dir
+from lightning_alphaedit.targets import ModelTargets
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class StatisticsConfig:
+    """How the preserved-key statistics C0 = E[k kᵀ] are collected and cached."""
+
+    corpus: str = "tiny-corpus"
+    """Corpus of general text: a packaged corpus name or a path (.txt: one document per
+    line; .json/.jsonl: records holding ``text_field``)."""
+    text_field: str = "text"
+    """Field holding the text in .json/.jsonl corpora."""
+    sample_count: int = 100_000
+    """Number of documents (the paper: 100,000 Wikipedia articles). Fewer if the corpus is smaller."""
+    max_length: int | None = None
+    """Tokens per document after truncation; None = the model's context length."""
+    batch_size: int = 8
+    """Documents per forward pass."""
+    dtype: str = "float32"
+    """Accumulation dtype of the second moment: float32 (the paper) or float64."""
+    cache_dir: str | None = None
+    """Folder of the statistics cache; None = ``$LIGHTNING_ALPHAEDIT_CACHE/statistics``
+    (default ``~/.cache/lightning-alphaedit/statistics``)."""
+    progress: bool = True
+    """Show a progress bar with tokens/s."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"statistics.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.sample_count < 1 or self.batch_size < 1:
+            raise ValueError("statistics.sample_count and statistics.batch_size must be >= 1")
+
+
+def model_fingerprint(model: torch.nn.Module, targets: ModelTargets, last_layer: int) -> str:
+    """A cheap hash of the weights the keys up to ``last_layer`` depend on.
+
+    Hashes names, shapes and an evenly strided sample (<= 4096 values) of every
+    parameter of the input embeddings and of blocks 0..last_layer. Edited weights
+    change the sample, so statistics of an edited model never pass for the original's.
+    """
+    wanted = [targets.embeddings] + [targets.block(i) for i in range(last_layer + 1)]
+    digest = hashlib.sha256()
+    for module in wanted:
+        for name, param in module.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step].to(device="cpu", dtype=torch.float32)
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def collect_key_moments(
+    model: torch.nn.Module,
+    tokenizer,
+    targets: ModelTargets,
+    layers: Sequence[int],
+    texts: Iterable[str],
+    max_length: int,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict[int, KeyMoments]:
+    """Second moments of the keys of ``layers`` over every non-padding token of ``texts``.
+
+    One forward pass per batch for all layers, stopped after the deepest one.
+    """
+    device = next(model.parameters()).device
+    layers = sorted(set(layers))
+    moments = {layer: KeyMoments(targets.key_size(layer), dtype=dtype, device=device) for layer in layers}
+    texts = [t for t in texts if t and t.strip()]
+    bar = tqdm(total=len(texts), desc="key statistics", unit="doc", disable=not progress)
+    tokens, started = 0, time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
+        with ExitStack() as stack:
+            captures = {l: stack.enter_context(capture_input(targets.projection(l))) for l in layers}
+            stack.enter_context(stop_after(targets.block(layers[-1])))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        real = batch["attention_mask"].bool()  # (b, t): padding excluded
+        for layer in layers:
+            moments[layer].add(captures[layer].value[real])  # (n_tokens, d_in)
+        tokens += int(real.sum())
+        bar.update(real.shape[0])
+        bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+    bar.close()
+    return moments
+
+
+class StatisticsCache:
+    """Second moments on disk, one safetensors file per (key, layer), written atomically.
+
+    The full key is stored in the file's metadata and compared on load: a file whose key
+    differs, that cannot be read, or whose tensors are malformed is recomputed, never trusted.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.directory / f"layer{key['layer']}-{digest}.safetensors"
+
+    def load(self, key: dict, device: torch.device | str = "cpu") -> KeyMoments | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                stored = json.loads((f.metadata() or {}).get("key", "null"))
+                if stored != key:
+                    log.warning("statistics cache %s was made for another key; recomputing", path)
+                    return None
+                total, count = f.get_tensor("sum"), f.get_tensor("count")
+            if total.ndim != 2 or total.shape[0] != total.shape[1] or not torch.isfinite(total).all() or count.item() < 1:
+                raise ValueError("malformed tensors")
+        except Exception as error:  # unreadable or corrupted: recompute
+            log.warning("statistics cache %s is unreadable (%s); recomputing", path, error)
+            return None
+        return KeyMoments.from_state_dict({"sum": total, "count": count}).to(device)
+
+    def save(self, key: dict, moments: KeyMoments) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().to("cpu").contiguous() for name, t in moments.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def layer_statistics(
+    model: torch.nn.Module,
+    tokenizer,
+    targets: ModelTargets,
+    layers: Sequence[int],
+    config: StatisticsConfig,
+    model_id: str,
+    corpus: Corpus,
+) -> dict[int, KeyMoments]:
+    """C0 statistics of ``layers``: cached ones loaded, missing ones collected in one pass."""
+    device = next(model.parameters()).device
+    max_length = config.max_length or _context_length(model, tokenizer)
+    fingerprint = model_fingerprint(model, targets, max(layers))
+    texts = corpus.texts[: config.sample_count]
+
+    def key(layer: int) -> dict:
+        return {
+            "model": model_id,
+            "fingerprint": fingerprint,
+            "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
+            "layer": layer,
+            "projection": targets.projection_name(layer),
+            "corpus": corpus.identity,
+            "sample_count": len(texts),
+            "max_length": max_length,
+            "dtype": config.dtype,
+        }
+
+    cache = StatisticsCache(config.cache_dir or default_cache_dir() / "statistics")
+    found = {layer: cache.load(key(layer), device) for layer in layers}
+    missing = [layer for layer, m in found.items() if m is None]
+    if missing:
+        log.info("collecting key statistics for layers %s over %d documents", missing, len(texts))
+        fresh = collect_key_moments(
+            model, tokenizer, targets, missing, texts, max_length,
+            batch_size=config.batch_size, dtype=_DTYPES[config.dtype], progress=config.progress,
+        )
+        for layer, moments in fresh.items():
+            cache.save(key(layer), moments)
+            found[layer] = moments
+    return found
+
+
+def _context_length(model: torch.nn.Module, tokenizer) -> int:
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None)]
+    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None)
+    limits = [int(x) for x in limits if x]
+    if not limits:
+        raise ValueError("cannot tell the model's context length; set statistics.max_length")
+    return min(limits)

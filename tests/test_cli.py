@@ -1,0 +1,52 @@
+"""Every config loads; `lightning-alphaedit fit` runs the tiny config end to end with W&B offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.cli import AlphaEditCLI, main
+from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.module import AlphaEditModule
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs_for_the_released_models():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny", "gpt2-xl", "gpt-j-6b", "llama3-8b", "qwen2.5-7b"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_loads(config):
+    cli = AlphaEditCLI(
+        AlphaEditModule, EditStreamDataModule, run=False, args=["--config", str(config)],
+        parser_kwargs={"parser_mode": "omegaconf"},
+    )
+    update = [cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate)]
+    assert len(update) == 1
+    raw = yaml.safe_load(config.read_text())
+    assert update[0].layers == raw["edit"]["layers"]
+    assert update[0].method == raw["edit"]["method"]
+    assert cli.model.values.lr == raw["model"]["values"]["lr"]
+    assert cli.datamodule.batch_size == raw["data"]["batch_size"]
+    assert "${" not in cli.trainer.default_root_dir  # interpolation resolved
+    assert cli.trainer.reload_dataloaders_every_n_epochs == 1
+
+
+def test_fit_on_the_tiny_config(tmp_path, capsys):
+    config = next(p for p in CONFIGS if p.stem == "tiny")
+    cli = main(["fit", "--config", str(config), "--data.limit", "8", "--trainer.enable_progress_bar", "false"])
+    update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+    assert update.edits_applied == 8
+    run = Path(cli.trainer.default_root_dir)
+    assert str(run).startswith(str(tmp_path / "runs"))  # LIGHTNING_ALPHAEDIT_RUNS from conftest
+    saved = list(run.rglob("config.yaml"))
+    assert len(saved) == 1 and yaml.safe_load(saved[0].read_text())["data"]["limit"] == 8
+    assert (Path(update.exported_to) / "config.json").exists()
+    assert list(run.rglob("offline-run-*")), "no W&B offline run was written"
+    out = capsys.readouterr().out
+    assert "edits applied: 8" in out and "edited model:" in out

@@ -1,0 +1,192 @@
+"""The whole edit loop through the real Lightning Trainer on tiny random models (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from lightning_alphaedit.algebra import KeyMoments
+from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE
+from lightning_alphaedit.models import ModelConfig
+from lightning_alphaedit.module import AlphaEditModule
+from lightning_alphaedit.requests import EditDataError, read_requests
+from lightning_alphaedit.statistics import StatisticsConfig
+from lightning_alphaedit.tiny import TinyModelConfig
+from lightning_alphaedit.values import ValueOptimizationConfig
+
+LAYERS = [1, 2]
+
+
+def build(tmp_path: Path, method: str = "alphaedit", path: str = "tiny_edits.jsonl", architecture: str = "gpt2",
+          values: ValueOptimizationConfig | None = None, l2: float = 10.0, limit: int | None = 16):
+    module = AlphaEditModule(
+        lm=ModelConfig(tiny=TinyModelConfig(architecture=architecture, num_layers=4, hidden_size=64, intermediate_size=256)),
+        values=values or ValueOptimizationConfig(num_grad_steps=25, lr=0.5, clamp_norm_factor=4.0),
+        seed=0,
+    )
+    data = EditStreamDataModule(path=path, batch_size=4, edits_per_epoch=8, limit=limit)
+    update = NullSpaceUpdate(
+        layers=LAYERS, method=method, l2=l2, mom2_weight=100.0,
+        statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
+                                    cache_dir=str(tmp_path / "stats"), progress=False),
+        export_dir=str(tmp_path / f"export-{method}"),
+    )
+    return module, data, update
+
+
+def trainer(tmp_path: Path, callbacks, max_epochs: int = -1, checkpoint: bool = False):
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=checkpoint, default_root_dir=str(tmp_path), callbacks=callbacks,
+    )
+
+
+def answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
+    """Mean token log-probability of ' answer' after prompt, one unbatched forward (independent path)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(prompt_ids) + j - 1, t]) for j, t in enumerate(answer_ids)) / len(answer_ids)
+
+
+def edited_weights(module: AlphaEditModule) -> dict[int, torch.Tensor]:
+    return {layer: module.targets.weight(layer).detach().clone() for layer in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def alphaedit_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("alphaedit")
+    module, data, update = build(tmp)
+    trainer(tmp, [update]).fit(module, datamodule=data)
+    return tmp, module, data, update
+
+
+def test_edits_take_hold(alphaedit_run):
+    _, module, data, update = alphaedit_run
+    assert update.edits_applied == 16 and not update.rejected and data.position == 16
+    wins = [
+        answer_logprob(module.lm, module.tokenizer, r.text, r.target_new)
+        > answer_logprob(module.lm, module.tokenizer, r.text, r.target_true)
+        for r in data.requests
+    ]
+    assert sum(wins) >= 0.9 * len(wins), f"only {sum(wins)}/{len(wins)} edits took hold"
+
+
+def preserved_keys(tmp_path: Path, layer: int, threshold: float) -> torch.Tensor:
+    """Unit keys in the span of C0's eigenvectors with eigenvalue >= threshold, read from the cache files."""
+    from safetensors import safe_open
+
+    for path in (tmp_path / "stats").glob(f"layer{layer}-*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            moments = KeyMoments.from_state_dict({"sum": f.get_tensor("sum"), "count": f.get_tensor("count")})
+        values, vectors = torch.linalg.eigh(moments.mean().double())
+        span = vectors[:, values >= threshold]  # (d_in, k)
+        mix = torch.randn(span.shape[1], 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        keys = (span @ mix).T  # (32, d_in)
+        return keys / keys.norm(dim=1, keepdim=True)
+    raise AssertionError(f"no statistics cached for layer {layer}")
+
+
+def test_alphaedit_leaves_preserved_keys_alone_and_memit_does_not(alphaedit_run):
+    tmp, module, _, update = alphaedit_run
+    memit_module, memit_data, memit_update = build(tmp, method="memit")
+    trainer(tmp / "memit", [memit_update]).fit(memit_module, datamodule=memit_data)
+    assert memit_update.edits_applied == 16
+    unedited = AlphaEditModule(lm=module.lm_config)
+    unedited.configure_model()
+    for layer in LAYERS:
+        keys = preserved_keys(tmp, layer, update.nullspace_threshold)  # (32, d_in)
+        w0 = unedited.targets.linear_weight(layer).detach().double()  # (d_out, d_in)
+        before = (keys @ w0.T).norm()
+        alpha = module.targets.linear_weight(layer).detach().double()
+        memit = memit_module.targets.linear_weight(layer).detach().double()
+        alpha_change = float((keys @ (alpha - w0).T).norm() / before)
+        memit_change = float((keys @ (memit - w0).T).norm() / before)
+        assert alpha_change < 1e-4, f"layer {layer}: AlphaEdit moved preserved outputs by {alpha_change:.2e}"
+        assert memit_change > 1e-3, f"layer {layer}: MEMIT moved preserved outputs only by {memit_change:.2e}"
+        assert not torch.equal(alpha, w0), "AlphaEdit edited nothing"
+
+
+def test_export_loads_with_plain_transformers(alphaedit_run):
+    from transformers import AutoModelForCausalLM
+
+    tmp, module, _, update = alphaedit_run
+    export = Path(update.exported_to)
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    edited = dict(module.lm.named_parameters())
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, edited[name]), name
+    deltas = load_file(str(export / DELTAS_FILE))
+    assert sorted(deltas) == sorted(module.targets.weight_name(l) for l in LAYERS)
+    for layer in LAYERS:
+        name = module.targets.weight_name(layer)
+        torch.testing.assert_close(update._original_weights[layer] + deltas[name], edited[name].detach(), rtol=0, atol=1e-6)
+    applied = read_requests(export / EDITS_FILE)
+    assert [r.case_id for r in applied] == [f"tiny-{i}" for i in range(16)]
+    summary = json.loads((export / "alphaedit_summary.json").read_text())
+    assert summary["edits_applied"] == 16 and summary["method"] == "alphaedit"
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(alphaedit_run, tmp_path):
+    _, uninterrupted, _, _ = alphaedit_run
+    first, data, update = build(tmp_path)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer(tmp_path, [update, ckpt], max_epochs=1, checkpoint=True).fit(first, datamodule=data)
+    assert update.edits_applied == 8
+    resumed, data2, update2 = build(tmp_path)
+    ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, save_top_k=0)
+    trainer(tmp_path, [update2, ckpt2], checkpoint=True).fit(resumed, datamodule=data2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert update2.edits_applied == 16 and data2.position == 16
+    assert resumed.context_templates == uninterrupted.context_templates
+    reference = dict(uninterrupted.lm.named_parameters())
+    for name, param in resumed.lm.named_parameters():
+        torch.testing.assert_close(param, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_malformed_record_fails_before_any_weight_changes(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+    lines = source.read_text().splitlines()
+    record = json.loads(lines[3])
+    del record["target_new"]
+    lines[3] = json.dumps(record)
+    bad = tmp_path / "bad_edits.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    module, data, update = build(tmp_path, path=str(bad))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    with pytest.raises(EditDataError) as error:
+        trainer(tmp_path, [update]).fit(module, datamodule=data)
+    message = str(error.value)
+    assert "bad_edits.jsonl" in message and "record 3" in message and "target_new" in message
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name])
+    assert update.edits_applied == 0
+
+
+def test_non_finite_update_is_rolled_back(tmp_path):
+    # lr = inf makes δ (hence the target values and every layer's update) non-finite
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=3, lr=float("inf")), limit=8)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    assert update.edits_applied == 0 and len(update.rejected) == 2
+    assert "not finite" in update.rejected[0]["reason"]
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_module_refuses_to_run_without_the_callback(tmp_path):
+    module, data, _ = build(tmp_path)
+    with pytest.raises(RuntimeError, match="NullSpaceUpdate"):
+        trainer(tmp_path, []).fit(module, datamodule=data)

@@ -1,0 +1,141 @@
+"""Key statistics: one pass equals per-layer passes and an explicit recomputation; the cache is
+hit without running the model and never trusted when corrupted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_alphaedit.corpus import load_corpus
+from lightning_alphaedit.statistics import (
+    StatisticsCache,
+    StatisticsConfig,
+    collect_key_moments,
+    layer_statistics,
+    model_fingerprint,
+)
+from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
+
+TEXTS = [
+    "The river runs north through the valley.",
+    "Violins have four strings.",
+    "A short one.",
+    "Mount Kilimanjaro is the highest mountain in Africa, rising above the plains of Tanzania.",
+    "Chess is played on a board of sixty-four squares.",
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request):
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(architecture=request.param, num_layers=3, seed=1))
+    return model, tokenizer, ModelTargets(model)
+
+
+def explicit_second_moment(model, tokenizer, projection, texts, max_length):
+    """E[k kᵀ] in float64 from unpadded single-text forwards, keys read by a plain hook."""
+    keys = []
+    handle = projection.register_forward_hook(lambda m, args, out: keys.append(args[0][0].detach()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    k = torch.cat(keys).double()  # (n_tokens, d_in)
+    return k.T @ k / k.shape[0]
+
+
+def test_one_pass_equals_per_layer_passes_and_explicit_formula(tiny):
+    model, tokenizer, targets = tiny
+    both = collect_key_moments(model, tokenizer, targets, [0, 2], TEXTS, max_length=24, batch_size=2)
+    for layer in (0, 2):
+        alone = collect_key_moments(model, tokenizer, targets, [layer], TEXTS, max_length=24, batch_size=5)
+        assert both[layer].count == alone[layer].count
+        torch.testing.assert_close(both[layer].mean(), alone[layer].mean(), rtol=1e-5, atol=1e-7)
+        reference = explicit_second_moment(model, tokenizer, targets.projection(layer), TEXTS, 24)
+        torch.testing.assert_close(both[layer].mean().double(), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_is_excluded(tiny):
+    model, tokenizer, targets = tiny
+    padded = collect_key_moments(model, tokenizer, targets, [1], TEXTS, max_length=64, batch_size=5)
+    single = collect_key_moments(model, tokenizer, targets, [1], TEXTS, max_length=64, batch_size=1)
+    expected_tokens = sum(len(tokenizer(t, truncation=True, max_length=64)["input_ids"]) for t in TEXTS)
+    assert padded[1].count == single[1].count == expected_tokens
+    torch.testing.assert_close(padded[1].mean(), single[1].mean(), rtol=1e-5, atol=1e-7)
+
+
+def count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls, handle
+
+
+def test_second_call_hits_cache_without_running_the_model(tiny, tmp_path):
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=12, max_length=32, cache_dir=str(tmp_path), progress=False)
+    corpus = load_corpus(config.corpus)
+    first = layer_statistics(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    calls, handle = count_forwards(model)
+    try:
+        second = layer_statistics(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
+    finally:
+        handle.remove()
+    assert calls == []
+    for layer in (0, 1):
+        assert torch.equal(first[layer].sum, second[layer].sum) and first[layer].count == second[layer].count
+    # another sample count is another key: recomputed
+    calls, handle = count_forwards(model)
+    try:
+        layer_statistics(model, tokenizer, targets, [0], StatisticsConfig(**{**config.__dict__, "sample_count": 5}), "tiny-test", corpus)
+    finally:
+        handle.remove()
+    assert calls
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other_key"])
+def test_corrupted_cache_is_detected_and_recomputed(tiny, tmp_path, damage):
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path), progress=False)
+    corpus = load_corpus(config.corpus)
+    good = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    (path,) = tmp_path.glob("*.safetensors")
+    if damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:  # a valid file written for another key under this name
+        cache = StatisticsCache(tmp_path)
+        other = dict(model="someone-else", layer=1)
+        cache.save(other, good)
+        cache.path(other).replace(path)
+    calls, handle = count_forwards(model)
+    try:
+        again = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    finally:
+        handle.remove()
+    assert calls, "a damaged cache file must be recomputed"
+    torch.testing.assert_close(again.mean(), good.mean())
+    # and the file was rewritten whole
+    calls, handle = count_forwards(model)
+    try:
+        layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_fingerprint_follows_the_weights(tiny):
+    model, _, targets = tiny
+    before = model_fingerprint(model, targets, 1)
+    assert model_fingerprint(model, targets, 1) == before
+    with torch.no_grad():
+        original = targets.weight(1).detach().clone()
+        targets.weight(1).add_(1e-3)
+        changed = model_fingerprint(model, targets, 1)
+        targets.weight(1).copy_(original)
+    assert changed != before
+    assert model_fingerprint(model, targets, 1) == before
