@@ -9,7 +9,7 @@ applies the closed-form weight update. Without that callback the module refuses 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import cached_property
 
 import pytorch_lightning as pl
@@ -146,6 +146,10 @@ class AlphaEditModule(pl.LightningModule):
         # NullSpaceUpdate. Writing every weight of an 8B model per epoch would be wasteful.
         checkpoint["state_dict"] = {}
         checkpoint["context_templates"] = self.context_templates
+        # plain data only, so the checkpoint loads with torch.load(weights_only=True)
+        checkpoint["hyper_parameters"] = {
+            k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint.get("hyper_parameters", {}).items()
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.context_templates = checkpoint.get("context_templates")

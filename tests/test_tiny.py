@@ -82,3 +82,31 @@ def test_sizes_are_configurable():
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         tiny_causal_lm(TinyModelConfig(architecture="bert"), vocab_size=257)
+
+
+def test_word_level_tokenizer_is_deterministic_with_offsets():
+    from lightning_alphaedit.tiny import UNKNOWN_TOKEN, word_level_tokenizer
+
+    first, second = word_level_tokenizer(), word_level_tokenizer()
+    assert first.get_vocab() == second.get_vocab()
+    encoded = first("The capital of Norway is", return_offsets_mapping=True)
+    assert len(encoded["input_ids"]) == 5 and encoded["offset_mapping"][3] == (15, 21)
+    assert first.decode(encoded["input_ids"]) == "The capital of Norway is"
+    assert first.convert_ids_to_tokens(first("zzqx-unheard")["input_ids"])[0] == UNKNOWN_TOKEN
+    assert first.convert_ids_to_tokens(len(first) - 1) == first.eos_token == first.pad_token
+
+
+def test_trained_tiny_model_is_cached_and_a_damaged_cache_retrained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(tmp_path))
+    config = TinyModelConfig(tokenizer="words", pretrain_steps=2, num_layers=2)
+    trained, _ = tiny_model_and_tokenizer(config)
+    untrained, _ = tiny_model_and_tokenizer(TinyModelConfig(tokenizer="words", num_layers=2))
+    assert not torch.equal(trained.transformer.h[0].mlp.c_proj.weight, untrained.transformer.h[0].mlp.c_proj.weight)
+    (cached,) = (tmp_path / "tiny-models").glob("*.safetensors")
+    again, _ = tiny_model_and_tokenizer(config)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    cached.write_bytes(b"damaged")
+    retrained, _ = tiny_model_and_tokenizer(config)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), retrained.state_dict().items()):
+        assert torch.equal(a, b), name
