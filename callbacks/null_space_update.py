@@ -17,8 +17,8 @@ import torch
 
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
-from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.export import export_edited_model, run_directory
+from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.update import METHODS, SequentialEditor
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_alphaedit.targets import ModuleTemplates
-from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer, tiny_tokenizer
+from lightning_alphaedit.tiny import (
+    TinyModelConfig,
+    tiny_model_and_tokenizer,
+    tiny_tokenizer,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -61,7 +65,7 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig, vocab_size: int) -> torch.nn.Module:
+def load_model(config: ModelConfig) -> torch.nn.Module:
     """The causal LM in eval mode with every parameter frozen (only δ is optimised)."""
     dtype = _DTYPES[config.dtype] if config.dtype else torch.get_default_dtype()
     if config.name_or_path is None:

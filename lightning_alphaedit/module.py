@@ -22,7 +22,11 @@ from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
 from lightning_alphaedit.prompts import generate_context_templates
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.targets import ModelTargets
-from lightning_alphaedit.values import ValueOptimizationConfig, ValueResult, optimize_values
+from lightning_alphaedit.values import (
+    ValueOptimizationConfig,
+    ValueResult,
+    optimize_values,
+)
 
 
 @dataclass
@@ -69,7 +73,7 @@ class AlphaEditModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.lm is None:
-            self.lm = load_model(self.lm_config, vocab_size=len(self.tokenizer))
+            self.lm = load_model(self.lm_config)
             self.targets = ModelTargets(self.lm, self.lm_config.templates)
 
     def train(self, mode: bool = True) -> "AlphaEditModule":

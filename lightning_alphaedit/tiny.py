@@ -335,7 +335,7 @@ def _pretrained(model: PreTrainedModel, tokenizer, config: TinyModelConfig) -> N
     path = default_cache_dir() / "tiny-models" / f"{config.architecture}-{key}.safetensors"
     if path.exists():
         try:
-            missing, unexpected = safetensors.torch.load_model(model, str(path), strict=True)
+            safetensors.torch.load_model(model, str(path), strict=True)
             return
         except Exception as error:  # corrupted or from another version: retrain
             log.warning("tiny model cache %s unreadable (%s); retraining", path, error)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lightning_alphaedit.hooks import add_to_output, capture_output, stop_after
 from lightning_alphaedit.prompts import encode_prompts, target_token_ids

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from lightning_alphaedit.callbacks import NullSpaceUpdate
+
 from lightning_alphaedit.cli import AlphaEditCLI, main
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule

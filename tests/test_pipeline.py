@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_alphaedit.callbacks import NullSpaceUpdate
 from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_alphaedit.algebra import KeyMoments
-from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE
 from lightning_alphaedit.models import ModelConfig
