@@ -55,7 +55,8 @@ class AlphaEditCLI(LightningCLI):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
 
 
-def main(args: list[str] | None = None) -> AlphaEditCLI:
+def run(args: list[str] | None = None) -> AlphaEditCLI:
+    """Parse ``args`` (default: the command line), run the subcommand, return the CLI."""
     os.environ.setdefault("WANDB_MODE", "offline")
     return AlphaEditCLI(
         AlphaEditModule,
@@ -66,3 +67,8 @@ def main(args: list[str] | None = None) -> AlphaEditCLI:
         auto_configure_optimizers=False,
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``lightning-alphaedit`` console script."""
+    run(args)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 
-from lightning_alphaedit.cli import AlphaEditCLI, main
+from lightning_alphaedit.cli import AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
 
@@ -39,14 +39,14 @@ def test_config_loads(config):
 
 def test_fit_on_the_tiny_config(tmp_path, capsys):
     config = next(p for p in CONFIGS if p.stem == "tiny")
-    cli = main(["fit", "--config", str(config), "--data.limit", "8", "--trainer.enable_progress_bar", "false"])
+    cli = run(["fit", "--config", str(config), "--data.limit", "8", "--trainer.enable_progress_bar", "false"])
     update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
     assert update.edits_applied == 8
-    run = Path(cli.trainer.default_root_dir)
-    assert str(run).startswith(str(tmp_path / "runs"))  # LIGHTNING_ALPHAEDIT_RUNS from conftest
-    saved = list(run.rglob("config.yaml"))
+    root = Path(cli.trainer.default_root_dir)
+    assert str(root).startswith(str(tmp_path / "runs"))  # LIGHTNING_ALPHAEDIT_RUNS from conftest
+    saved = list(root.rglob("config.yaml"))
     assert len(saved) == 1 and yaml.safe_load(saved[0].read_text())["data"]["limit"] == 8
     assert (Path(update.exported_to) / "config.json").exists()
-    assert list(run.rglob("offline-run-*")), "no W&B offline run was written"
+    assert list(root.rglob("offline-run-*")), "no W&B offline run was written"
     out = capsys.readouterr().out
     assert "edits applied: 8" in out and "edited model:" in out
