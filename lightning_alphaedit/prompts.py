@@ -90,7 +90,8 @@ def generate_context_templates(
     """
     device = next(model.parameters()).device
     templates = ["{}"]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    accelerators = [] if device.type == "cpu" else [device]  # the CPU generator is always forked
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
         torch.manual_seed(seed)
         for start in starts:
             encoded = tokenizer(start, return_tensors="pt").to(device)

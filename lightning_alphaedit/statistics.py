@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from lightning_alphaedit.algebra import KeyMoments
 from lightning_alphaedit.corpus import Corpus
 from lightning_alphaedit.hooks import capture_input, stop_after
-from lightning_alphaedit.paths import default_cache_dir
+from lightning_alphaedit.paths import atomic_file, default_cache_dir
 from lightning_alphaedit.targets import ModelTargets
 
 log = logging.getLogger(__name__)
@@ -165,16 +164,9 @@ class StatisticsCache:
 
     def save(self, key: dict, moments: KeyMoments) -> Path:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().to("cpu").contiguous() for name, t in moments.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            save_file(state, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
         return path
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -36,7 +34,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from lightning_alphaedit.paths import default_cache_dir
+from lightning_alphaedit.paths import atomic_file, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -340,15 +338,8 @@ def _pretrained(model: PreTrainedModel, tokenizer, config: TinyModelConfig) -> N
         except Exception as error:  # corrupted or from another version: retrain
             log.warning("tiny model cache %s unreadable (%s); retraining", path, error)
     pretrain(model, tokenizer, texts, config.pretrain_steps, config.pretrain_lr, config.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_model(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_model(model, str(tmp))
 
 
 def tiny_model_and_tokenizer(
