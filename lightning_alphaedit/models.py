@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_alphaedit.targets import ModuleTemplates
-from lightning_alphaedit.tiny import (
-    TinyModelConfig,
-    tiny_model_and_tokenizer,
-    tiny_tokenizer,
-)
+from lightning_alphaedit.tiny import TinyModelConfig, tiny_model, tiny_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -65,12 +61,14 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_model(config: ModelConfig) -> torch.nn.Module:
-    """The causal LM in eval mode with every parameter frozen (only δ is optimised)."""
+def load_model(config: ModelConfig, tokenizer) -> torch.nn.Module:
+    """The causal LM in eval mode with every parameter frozen (only δ is optimised).
+
+    ``tokenizer`` is the one ``load_tokenizer`` gave: a tiny model is sized for it.
+    """
     dtype = _DTYPES[config.dtype] if config.dtype else torch.get_default_dtype()
     if config.name_or_path is None:
-        model, _ = tiny_model_and_tokenizer(config.tiny)
-        model = model.to(dtype)
+        model = tiny_model(config.tiny, tokenizer).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -73,7 +73,7 @@ class AlphaEditModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.lm is None:
-            self.lm = load_model(self.lm_config)
+            self.lm = load_model(self.lm_config, self.tokenizer)
             self.targets = ModelTargets(self.lm, self.lm_config.templates)
 
     def train(self, mode: bool = True) -> "AlphaEditModule":

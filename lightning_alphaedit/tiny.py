@@ -342,12 +342,17 @@ def _pretrained(model: PreTrainedModel, tokenizer, config: TinyModelConfig) -> N
         safetensors.torch.save_model(model, str(tmp))
 
 
+def tiny_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A tiny model sized for ``tokenizer``, trained for ``config.pretrain_steps`` if asked."""
+    model = tiny_causal_lm(config, vocab_size=len(tokenizer))
+    if config.pretrain_steps:
+        _pretrained(model, tokenizer, config)
+    return model
+
+
 def tiny_model_and_tokenizer(
     config: TinyModelConfig,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny model (trained for ``config.pretrain_steps``) and the tokenizer it was sized for."""
     tokenizer = tiny_tokenizer(config)
-    model = tiny_causal_lm(config, vocab_size=len(tokenizer))
-    if config.pretrain_steps:
-        _pretrained(model, tokenizer, config)
-    return model, tokenizer
+    return tiny_model(config, tokenizer), tokenizer

@@ -77,7 +77,7 @@ class SequentialEditor:
             c0 = statistics[layer].mean()  # (d_in, d_in)
             if method == "alphaedit":
                 space = algebra.null_space(c0.double(), nullspace_threshold)
-                self.null_spaces[layer] = NullSpace(space.basis.float(), space.eigenvalues, space.threshold)
+                self.null_spaces[layer] = space.to(dtype=torch.float32)
                 self.caches[layer] = torch.zeros(space.rank, space.rank, device=c0.device)
             else:
                 self.second_moments[layer] = c0
