@@ -41,6 +41,8 @@ class NullSpaceUpdate(pl.Callback):
         on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
         export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
         export_dir: Where to save it; None = ``<run directory>/edited_model``.
+        baseline: Measure the unedited model on the whole stream before the first edit, so
+            every reported score has its baseline beside it.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class NullSpaceUpdate(pl.Callback):
         on_rejected: str = "continue",
         export: bool = True,
         export_dir: str | None = None,
+        baseline: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -64,7 +67,7 @@ class NullSpaceUpdate(pl.Callback):
         self.layers, self.method = list(layers), method
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.statistics, self.on_rejected = statistics, on_rejected
-        self.export, self.export_dir = export, export_dir
+        self.export, self.export_dir, self.baseline = export, export_dir, baseline
         self.editor: SequentialEditor | None = None
         self.edits_applied = 0
         self.applied_requests: list = []
@@ -84,7 +87,9 @@ class NullSpaceUpdate(pl.Callback):
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
         pl_module.prepare_editing(self.layers[-1])
-        corpus = load_corpus(self.statistics.corpus, self.statistics.text_field)
+        if self.baseline:
+            pl_module.measure_baseline(trainer.datamodule.requests)
+        corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
         moments = layer_statistics(
             pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
             pl_module.lm_config.identity, corpus,

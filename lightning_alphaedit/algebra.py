@@ -33,7 +33,7 @@ delta^T = solve(lambda_m C0 + C_p + K1^T K1, K1^T R) and gives no such guarantee
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import torch
 
@@ -42,7 +42,7 @@ import torch
 # the argument and the shapes, because a transposed key matrix is the most common bug
 
 
-def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
@@ -69,7 +69,7 @@ def _check_square(name: str, t: Any, d: int, what: str = "(d_in, d_in)") -> None
         raise ValueError(f"{name} must be {what} = {(d, d)}, got shape {_shape(t)}")
 
 
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The promoted floating dtype of the inputs, at least float32 (half precision is
     not accurate enough for a d_in x d_in solve)."""
     dtype = torch.float32
@@ -146,13 +146,13 @@ class KeyMoments:
             raise ValueError("KeyMoments.mean(): no keys have been added (count == 0)")
         return self.sum / self.count
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """{"sum": (dim, dim), "count": int64 scalar}. Like nn.Module.state_dict, "sum" is
         the live tensor, not a copy (it can be gigabytes): clone it if you keep adding."""
         return {"sum": self.sum, "count": torch.tensor(self.count, dtype=torch.int64)}
 
     @classmethod
-    def from_state_dict(cls, d: Dict[str, Any]) -> "KeyMoments":
+    def from_state_dict(cls, d: dict[str, Any]) -> "KeyMoments":
         """Rebuild from state_dict(); dim, dtype and device come from d["sum"] (copied)."""
         s = d["sum"]
         _check_2d('state_dict["sum"]', s, "(dim, dim)")
@@ -214,7 +214,7 @@ class NullSpace:
         """P = U U^T (d_in, d_in): symmetric, idempotent, of rank r."""
         return self.basis @ self.basis.T  # (d_in, r) @ (r, d_in)
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NullSpace":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "NullSpace":
         """A copy on another device and/or dtype (the dataclass is frozen)."""
         return NullSpace(
             basis=self.basis.to(device=device, dtype=dtype),
@@ -263,7 +263,7 @@ def null_space_projector(second_moment: torch.Tensor, threshold: float = 2e-2) -
 # the sequential-editing cache C_p
 
 
-def update_cache(cache: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+def update_cache(cache: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
     """C_p + K^T K (d_in, d_in), a new tensor. cache=None starts from zeros; the result
     has cache's dtype and device (or, with cache=None, keys' device and dtype, at least
     float32)."""
@@ -294,12 +294,12 @@ def project_cache(cache: torch.Tensor, null_space: NullSpace) -> torch.Tensor:
 def alphaedit_delta(
     keys: torch.Tensor,
     residuals: torch.Tensor,
-    projector_or_null_space: Union[torch.Tensor, NullSpace],
-    cache: Optional[torch.Tensor] = None,
+    projector_or_null_space: torch.Tensor | NullSpace,
+    cache: torch.Tensor | None = None,
     l2: float = 10.0,
     *,
-    cache_in_subspace: Optional[bool] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    cache_in_subspace: bool | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """AlphaEdit's update delta (d_out, d_in) for keys (n, d_in) and residuals (n, d_out).
 
@@ -359,10 +359,10 @@ def _alphaedit_delta_subspace(
     keys: torch.Tensor,
     residuals: torch.Tensor,
     ns: NullSpace,
-    cache: Optional[torch.Tensor],
+    cache: torch.Tensor | None,
     l2: float,
-    cache_in_subspace: Optional[bool],
-    compute_dtype: Optional[torch.dtype],
+    cache_in_subspace: bool | None,
+    compute_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """The subspace form of alphaedit_delta (inputs already validated against keys)."""
     d_in, d_out, r = keys.shape[1], residuals.shape[1], ns.rank
@@ -408,7 +408,7 @@ def memit_delta(
     keys: torch.Tensor,
     residuals: torch.Tensor,
     second_moment: torch.Tensor,
-    cache: Optional[torch.Tensor] = None,
+    cache: torch.Tensor | None = None,
     mom2_weight: float = 15000.0,
 ) -> torch.Tensor:
     """MEMIT's update (the baseline, no projection), in float64 as the reference code:

@@ -2,6 +2,10 @@
 
     lightning-alphaedit fit --config configs/tiny.yaml
     lightning-alphaedit fit --config configs/llama3-8b.yaml --data.limit 2000
+    lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
+
+``trace`` reads the same config (the model, the edit stream) plus its own ``trace:``
+section, and runs causal tracing instead of training.
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``.
@@ -11,6 +15,8 @@ W&B runs offline unless ``WANDB_MODE`` says otherwise.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
@@ -18,7 +24,16 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.models import load_model, load_tokenizer
 from lightning_alphaedit.module import AlphaEditModule
+from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.trace import (
+    TraceConfig,
+    TraceResult,
+    causal_trace,
+    format_table,
+    save_trace,
+)
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -37,16 +52,20 @@ class SaveRunConfig(SaveConfigCallback):
 class AlphaEditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
+        parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
 
     def after_fit(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
         update = next(cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate))
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        edited = {k[len("val/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        baseline = self.model.baseline or {}
         print(f"\nedits applied: {update.edits_applied}, batches rejected: {len(update.rejected)}")
-        for name, value in sorted(metrics.items()):
-            print(f"  {name:24s} {100 * value:6.1f} %")
+        print(f"  {'':16s} {'unedited':>9s} {'edited':>9s}")
+        for name in sorted(set(edited) | set(baseline)):
+            cells = [f"{100 * t[name]:8.1f}%" if name in t else f"{'-':>9s}" for t in (baseline, edited)]
+            print(f"  {name:16s} {cells[0]} {cells[1]}")
         print(f"run folder:   {run_directory(trainer)}")
         if update.exported_to:
             print(f"edited model: {update.exported_to}")
@@ -58,15 +77,44 @@ class AlphaEditCLI(LightningCLI):
 def run(args: list[str] | None = None) -> AlphaEditCLI:
     """Parse ``args`` (default: the command line), run the subcommand, return the CLI."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] == "trace":
+        with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
+            warnings.filterwarnings("ignore", message=".*args parameter is intended")
+            cli = _cli(args[1:], run=False)
+        trace(cli)
+        return cli
+    return _cli(args)
+
+
+def _cli(args: list[str], run: bool = True) -> AlphaEditCLI:
     return AlphaEditCLI(
         AlphaEditModule,
         EditStreamDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"save_to_log_dir": False},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
+
+
+def trace(cli: AlphaEditCLI) -> TraceResult:
+    """Causal tracing on the config's model and the first requests of its edit stream."""
+    config = cli.config_init["trace"]
+    lm_config = cli.model.lm_config
+    tokenizer = load_tokenizer(lm_config)
+    model = load_model(lm_config, tokenizer).to(cli.trainer.strategy.root_device)
+    requests = cli.datamodule.load(tokenizer)
+    result = causal_trace(model, tokenizer, ModelTargets(model, lm_config.templates), requests, config)
+    folder = Path(config.output) if config.output else Path(cli.trainer.default_root_dir) / "trace"
+    json_path, png_path = save_trace(result, config, folder, lm_config.name_or_path or "tiny model")
+    print(format_table(result))
+    print(f"recommended layers ({config.span} centred on the largest effect at the subject's last token): "
+          f"{recommended(result, config)}")
+    print(f"heat map: {png_path}\nnumbers:  {json_path}")
+    return result
 
 
 def main(args: list[str] | None = None) -> None:

@@ -7,6 +7,11 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from lightning_alphaedit.assets import CORPUS_ASSETS, corpus_file
+
+DATASETS_PREFIX = "datasets:"
 
 PACKAGED_CORPORA = ("tiny-corpus",)
 """Corpora shipped inside the package (name -> ``lightning_alphaedit/data/<name with _>.txt``)."""
@@ -20,15 +25,26 @@ class Corpus:
     texts: tuple[str, ...]
 
 
-def load_corpus(name_or_path: str, text_field: str = "text") -> Corpus:
-    """Read a corpus: a packaged name, a .txt file (one document per line) or .json/.jsonl records."""
-    if name_or_path in PACKAGED_CORPORA:
+def load_corpus(name_or_path: str, text_field: str = "text", cache_dir: str | None = None) -> Corpus:
+    """Read a corpus: a packaged or registry name, a .txt file (one document per line),
+    .json/.jsonl records, or ``datasets:NAME[?config=C&split=S]`` (a `datasets` dataset).
+
+    A registry corpus (``wikipedia-vital-en``) is fetched into ``cache_dir`` on first use and
+    read with its own text field.
+    """
+    if name_or_path.startswith(DATASETS_PREFIX):
+        return _load_dataset(name_or_path, text_field)
+    if name_or_path in CORPUS_ASSETS:
+        path = corpus_file(name_or_path, cache_dir)
+        text_field = CORPUS_ASSETS[name_or_path].text_field
+    elif name_or_path in PACKAGED_CORPORA:
         path = Path(str(resources.files("lightning_alphaedit") / "data" / f"{name_or_path.replace('-', '_')}.txt"))
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"corpus {name_or_path!r} is neither a packaged corpus {PACKAGED_CORPORA} nor a file"
+                f"corpus {name_or_path!r} is neither a known corpus "
+                f"{PACKAGED_CORPORA + tuple(CORPUS_ASSETS)} nor a file nor {DATASETS_PREFIX}NAME"
             )
     raw = path.read_bytes()
     texts = _parse(path, raw.decode("utf-8"), text_field)
@@ -55,3 +71,22 @@ def _parse(path: Path, text: str, field: str) -> list[str]:
         if value.strip():
             texts.append(value.strip())
     return texts
+
+
+def _load_dataset(spec: str, text_field: str) -> Corpus:
+    """``datasets:NAME?config=C&split=S``: any dataset the `datasets` library can load."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"corpus {spec!r} needs the `datasets` package: pip install datasets") from None
+    parts = urlsplit(spec[len(DATASETS_PREFIX) :])
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    name = parts.path if not parts.netloc else f"{parts.netloc}{parts.path}"
+    dataset = datasets.load_dataset(name, query.get("config"), split=query.get("split", "train"))
+    if text_field not in dataset.column_names:
+        raise ValueError(f"corpus {spec}: no column {text_field!r} (columns: {dataset.column_names})")
+    texts = tuple(t.strip() for t in dataset[text_field] if isinstance(t, str) and t.strip())
+    if not texts:
+        raise ValueError(f"corpus {spec}: no documents")
+    identity = f"{spec}:fingerprint={getattr(dataset, '_fingerprint', len(texts))}:field={text_field}"
+    return Corpus(identity=identity, texts=texts)

@@ -197,6 +197,41 @@ def add_to_output(module: nn.Module, vectors: Tensor, positions: Tensor) -> Iter
     flow into `vectors`. Rows whose position is < 0 get nothing added (padding rows).
     The output keeps its structure (tensor stays tensor, tuple stays tuple).
     """
+    with _patch_output(module, vectors, positions, accumulate=True):
+        yield
+
+
+@contextmanager
+def replace_output(module: nn.Module, vectors: Tensor, positions: Tensor) -> Iterator[None]:
+    """Sets output[i, positions[i]] to vectors[i] (b, d) in every forward of `module`.
+
+    Causal tracing restores a clean run's state this way. Rows whose position is < 0 are
+    left alone; like `add_to_output` it runs before other hooks and builds out of place.
+    """
+    with _patch_output(module, vectors, positions, accumulate=False):
+        yield
+
+
+@contextmanager
+def add_to_all(module: nn.Module, offsets: Tensor) -> Iterator[None]:
+    """Adds offsets (b, t, d) to the whole output of every forward of `module` (e.g. noise
+    on the subject's token embeddings, zero elsewhere)."""
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        hidden = _hidden(output)  # (b, t, d)
+        if hidden.shape != offsets.shape:
+            raise ValueError(f"offsets {tuple(offsets.shape)} do not match the output {tuple(hidden.shape)}")
+        return _replace_hidden(output, hidden + offsets.to(dtype=hidden.dtype, device=hidden.device))
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _patch_output(module: nn.Module, vectors: Tensor, positions: Tensor, accumulate: bool) -> Iterator[None]:
     if vectors.dim() != 2 or vectors.shape[0] != positions.shape[0]:
         raise ValueError(
             f"vectors must be (b, d) with b = len(positions) = {positions.shape[0]}, "
@@ -214,8 +249,8 @@ def add_to_output(module: nn.Module, vectors: Tensor, positions: Tensor) -> Iter
         if max_position >= t:
             raise IndexError(f"position {max_position} out of range for sequence length {t}")
         r, c = rows.to(hidden.device), cols.to(hidden.device)
-        added = vectors[r].to(dtype=hidden.dtype, device=hidden.device)  # (r, d)
-        hidden = hidden.index_put((r, c), added, accumulate=True)  # out of place
+        patch = vectors[r].to(dtype=hidden.dtype, device=hidden.device)  # (r, d)
+        hidden = hidden.index_put((r, c), patch, accumulate=accumulate)  # out of place
         return _replace_hidden(output, hidden)
 
     handle = module.register_forward_hook(hook, prepend=True)

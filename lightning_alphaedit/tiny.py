@@ -151,7 +151,7 @@ def word_level_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerF
 TOKENIZERS = ("bytes", "words")
 
 
-def tiny_tokenizer(config: "TinyModelConfig") -> PreTrainedTokenizerFast:
+def tiny_tokenizer(config: TinyModelConfig) -> PreTrainedTokenizerFast:
     """The tokenizer ``config.tokenizer`` names."""
     if config.tokenizer == "bytes":
         return byte_level_tokenizer()

@@ -18,6 +18,7 @@ import torch
 
 from lightning_alphaedit.hooks import add_to_output, capture_output, stop_after
 from lightning_alphaedit.prompts import encode_prompts, target_token_ids
+from lightning_alphaedit.readout import logits_at
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.targets import ModelTargets
 
@@ -89,9 +90,10 @@ def optimize_values(
         ids = target_ids[row // c]
         end = int(batch.lengths[row])
         labels[row, end - len(ids) : end] = torch.tensor(ids, device=device)
-    label_mask = labels[: u * c] != -100  # (u*c, t)
-    kl_rows = torch.arange(u * c, u * c + u, device=device)
-    kl_positions = batch.subject_last[u * c :]  # (u,)
+    # Where the loss reads logits: the label positions of rewrite rows, the subject of KL rows.
+    read = labels != -100  # (rows, t)
+    read[torch.arange(u * c, u * c + u, device=device), batch.subject_last[u * c :]] = True
+    rows_of = [torch.cat([torch.arange(i * c, (i + 1) * c), torch.tensor([u * c + i])]).to(device) for i in range(u)]
 
     block = targets.block(layer)
     with torch.no_grad(), capture_output(block, batch.subject_last[: u * c : c]) as h, stop_after(block):
@@ -104,35 +106,51 @@ def optimize_values(
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     active = torch.ones(u, dtype=torch.bool, device=device)
     steps = torch.zeros(u, dtype=torch.long, device=device)
-    kl_initial = None
+    final_loss = torch.zeros(u, device=device)
+    final_nll = torch.zeros(u, device=device)
+    kl_initial = None  # (u, V) the unedited KL distributions, from the first step
     param_dtype = next(model.parameters()).dtype
     for step in range(config.num_grad_steps):
+        # Only requests still optimising are run: a stopped request's loss cannot change.
+        live = torch.nonzero(active).squeeze(1)  # (a,)
+        a = live.numel()
+        rows = torch.cat([rows_of[i] for i in live.tolist()])  # (a*(c+1),): c rewrite rows, then the KL row
+        width = int(batch.lengths[rows].max())
         optimizer.zero_grad()
-        with add_to_output(block, delta[row_owner].to(param_dtype), batch.subject_last):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (rows, t, V)
-        log_probs = torch.log_softmax(logits[: u * c].float(), dim=-1)
-        # labels sit at the positions whose logits predict them (no further shift)
-        picked = torch.gather(log_probs, 2, labels[: u * c].clamp(min=0).unsqueeze(2)).squeeze(2)  # (u*c, t)
-        per_prompt = -(picked * label_mask).sum(1) / label_mask.sum(1)  # (u*c,) mean target-token NLL
-        nll = per_prompt.view(u, c).mean(1)  # (u,)
+        with add_to_output(block, delta[row_owner[rows]].to(param_dtype), batch.subject_last[rows]):
+            logits = logits_at(
+                model, targets, batch.input_ids[rows, :width], batch.attention_mask[rows, :width], read[rows, :width]
+            )  # (read positions, V), row-major over rows
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        counts = read[rows, :width].sum(1).view(a, c + 1)  # (a, c+1) positions read per row
+        rewrite_mask = torch.ones(a, c + 1, dtype=torch.bool, device=device)
+        rewrite_mask[:, c] = False
+        is_rewrite = torch.repeat_interleave(rewrite_mask.flatten(), counts.flatten())  # (read positions,)
+        wanted = labels[rows, :width][read[rows, :width]][is_rewrite]  # (rewrite positions,)
+        picked = log_probs[is_rewrite].gather(1, wanted.unsqueeze(1)).squeeze(1)
+        token_owner = torch.repeat_interleave(torch.arange(a * c, device=device), counts[:, :c].flatten())
+        per_prompt = -torch.zeros(a * c, device=device).index_add(0, token_owner, picked) / counts[:, :c].flatten()
+        nll = per_prompt.view(a, c).mean(1)  # (a,) mean over prompts of the mean target-token NLL
 
-        kl_log_probs = torch.log_softmax(logits[kl_rows, kl_positions].float(), dim=-1)  # (u, V)
+        kl_log_probs = log_probs[~is_rewrite]  # (a, V) one read position per KL row
         if kl_initial is None:
             kl_initial = kl_log_probs.detach()
-        # KL(p_initial || p_now), one value per request
-        kl = (kl_initial.exp() * (kl_initial - kl_log_probs)).sum(-1)  # (u,)
-        decay = config.weight_decay * delta.norm(dim=1) / h0_norm**2  # (u,)
-        loss = nll + config.kl_factor * kl + decay  # (u,)
+        initial = kl_initial[live]
+        kl = (initial.exp() * (initial - kl_log_probs)).sum(-1)  # (a,) KL(p_initial || p_now)
+        decay = config.weight_decay * delta[live].norm(dim=1) / h0_norm[live] ** 2  # (a,)
+        loss = nll + config.kl_factor * kl + decay  # (a,)
+        final_loss[live], final_nll[live] = loss.detach(), nll.detach()
 
-        active &= loss.detach() >= config.early_stop_loss
+        going = loss.detach() >= config.early_stop_loss  # (a,)
+        active[live] = going
         if step == config.num_grad_steps - 1 or not active.any():
             break
-        (loss * active).sum().backward()
+        (loss * going).sum().backward()
         frozen = delta.detach()[~active].clone()
         optimizer.step()
         steps += active.long()
         with torch.no_grad():
-            delta[~active] = frozen  # stopped requests keep their δ
+            delta[~active] = frozen  # stopped requests keep their δ (Adam's momentum would move it)
             max_norm = config.clamp_norm_factor * h0_norm  # (u,)
             scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
             delta.mul_(scale.unsqueeze(1))
@@ -141,7 +159,8 @@ def optimize_values(
     return ValueResult(
         targets=h0 + delta,
         initial=h0,
-        loss=loss.detach(),
-        nll=nll.detach(),
+        loss=final_loss,
+        nll=final_nll,
         steps=steps,
     )
+

@@ -120,7 +120,7 @@ def preserved_keys(tmp_path: Path, layer: int, threshold: float) -> torch.Tensor
     """Unit keys in the span of C0's eigenvectors with eigenvalue >= threshold, read from the cache files."""
     from safetensors import safe_open
 
-    for path in (tmp_path / "stats").glob(f"layer{layer}-*.safetensors"):
+    for path in (tmp_path / "stats" / "statistics").glob(f"layer{layer}-*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             moments = KeyMoments.from_state_dict({"sum": f.get_tensor("sum"), "count": f.get_tensor("count")})
         values, vectors = torch.linalg.eigh(moments.mean().double())

@@ -78,7 +78,7 @@ def test_second_call_hits_cache_without_running_the_model(tiny, tmp_path):
     config = StatisticsConfig(corpus="tiny-corpus", sample_count=12, max_length=32, cache_dir=str(tmp_path), progress=False)
     corpus = load_corpus(config.corpus)
     first = layer_statistics(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "statistics").glob("*.safetensors"))) == 2
     calls, handle = count_forwards(model)
     try:
         second = layer_statistics(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
@@ -102,13 +102,13 @@ def test_corrupted_cache_is_detected_and_recomputed(tiny, tmp_path, damage):
     config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path), progress=False)
     corpus = load_corpus(config.corpus)
     good = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
-    (path,) = tmp_path.glob("*.safetensors")
+    (path,) = (tmp_path / "statistics").glob("*.safetensors")
     if damage == "garbage":
         path.write_bytes(b"not a safetensors file")
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[:100])
     else:  # a valid file written for another key under this name
-        cache = StatisticsCache(tmp_path)
+        cache = StatisticsCache(tmp_path / "statistics")
         other = dict(model="someone-else", layer=1)
         cache.save(other, good)
         cache.path(other).replace(path)

@@ -427,9 +427,8 @@ def test_nested_stops_and_foreign_errors():
         with stop_after(targets.block(2)), capture_output(targets.block(2)) as cap:
             model(random_ids())
     assert cap.value is None  # the outer (earlier) stop fired, and only it was suppressed
-    with pytest.raises(RuntimeError, match="boom"):
-        with stop_after(targets.block(1)):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), stop_after(targets.block(1)):
+        raise RuntimeError("boom")
     with pytest.raises(StopForward):  # a StopForward of another module is not swallowed
         with stop_after(targets.block(1)):
             raise StopForward(targets.block(2))
