@@ -10,10 +10,12 @@ checkpoint (edited weights, caches, counters) and writes the edited model at the
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
@@ -73,6 +75,7 @@ class NullSpaceUpdate(pl.Callback):
         self.applied_requests: list = []
         self.rejected: list[dict] = []
         self.exported_to = None
+        self._batch_started = time.perf_counter()
         self._original_weights: dict[int, torch.Tensor] = {}
         self._restored: dict | None = None
 
@@ -121,6 +124,9 @@ class NullSpaceUpdate(pl.Callback):
 
     # --- after every training step: the update -----------------------------------------------
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         requests, values = outputs["requests"], outputs["targets"]
         outcome = self.editor.apply_batch(
@@ -141,6 +147,14 @@ class NullSpaceUpdate(pl.Callback):
                 trainer.should_stop = True
         pl_module.log("edit/edits_applied", float(self.edits_applied), batch_size=len(requests))
         pl_module.log("edit/batches_rejected", float(len(self.rejected)), batch_size=len(requests))
+        seconds = time.perf_counter() - self._batch_started
+        pl_module.log("edit/batch_seconds", seconds, batch_size=len(requests))
+        result = outputs["values"]
+        rank_zero_info(
+            f"edit batch of {len(requests)}: {'applied' if outcome.applied else 'REJECTED'}, value loss "
+            f"{float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, {seconds:.1f} s; "
+            f"{self.edits_applied} of {len(trainer.datamodule.requests)} edits applied"
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.datamodule.exhausted:

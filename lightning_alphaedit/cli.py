@@ -32,6 +32,7 @@ from lightning_alphaedit.trace import (
     TraceResult,
     causal_trace,
     format_table,
+    recommended,
     save_trace,
 )
 
@@ -74,9 +75,21 @@ class AlphaEditCLI(LightningCLI):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
 
 
+EXPECTED_WARNINGS = (
+    ".*module\\(s\\) in eval mode",  # the language model stays in eval mode on purpose
+    ".*overridden `transfer_batch_to_device`",  # batches are strings; tensors are made later
+    ".*configure_optimizers` returned `None`",  # δ has its own optimizer inside each step
+    ".*Total length of `DataLoader` across ranks is zero",  # no edits to validate before the first
+    ".*isinstance\\(treespec, LeafSpec\\)",  # Lightning's own deprecation, nothing to act on
+)
+"""Lightning warnings about choices this design makes on purpose (silenced in the CLI only)."""
+
+
 def run(args: list[str] | None = None) -> AlphaEditCLI:
     """Parse ``args`` (default: the command line), run the subcommand, return the CLI."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     args = sys.argv[1:] if args is None else list(args)
     if args and args[0] == "trace":
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose

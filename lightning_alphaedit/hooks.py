@@ -277,3 +277,43 @@ def stop_after(module: nn.Module) -> Iterator[None]:
             raise
     finally:
         handle.remove()
+
+
+# -----------------------------------------------------------------------------
+# replay
+
+
+@contextmanager
+def replay_blocks(blocks: list[nn.Module], output: Tensor, like: Any) -> Iterator[None]:
+    """Skips the computation of ``blocks`` (consecutive, bottom up): the last one returns the
+    recorded ``output`` (b, t, d), the others pass their input through untouched.
+
+    The value optimisation changes nothing below the edited block, so recomputing those blocks
+    at every step is waste. Only each block's ``forward`` is replaced (an instance attribute,
+    removed on exit): its hooks still run, so `add_to_output` and captures on the last block
+    see the replayed output. ``like`` is an output the real block returned, whose structure
+    (tensor or tuple) the replay copies.
+    """
+
+    def shaped(hidden: Tensor) -> Any:
+        if isinstance(like, Tensor):
+            return hidden
+        if isinstance(like, (tuple, list)):
+            return (hidden, *([None] * (len(like) - 1)))
+        raise TypeError(f"cannot replay a block that returns {type(like).__name__}")
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return shaped(hidden)
+
+    def replayed(*args: Any, **kwargs: Any) -> Any:
+        return shaped(output)
+
+    try:
+        for block in blocks[:-1]:
+            block.forward = passthrough
+        blocks[-1].forward = replayed
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)

@@ -22,8 +22,8 @@ def logits_at(model: torch.nn.Module, targets: ModelTargets, input_ids, attentio
     """
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[read]
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[read]
     norm = targets.final_norm
     with capture_output(norm, detach=False) as hidden, stop_after(norm):
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return targets.lm_head(hidden.value[read])  # (n, V)

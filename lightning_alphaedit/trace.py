@@ -137,7 +137,7 @@ def causal_trace(
         first, last = int(batch.subject_first[0]), int(batch.subject_last[0])
         positions = {"subject_last": last, "prompt_last": length - 1}
 
-        def answer_probability(input_ids: torch.Tensor) -> torch.Tensor:
+        def answer_probability(input_ids: torch.Tensor, answer: int = answer) -> torch.Tensor:
             read = torch.zeros_like(input_ids, dtype=torch.bool)
             read[:, -1] = True
             logits = logits_at(model, targets, input_ids, torch.ones_like(input_ids), read).float()  # (b, V)

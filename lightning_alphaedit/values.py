@@ -7,16 +7,29 @@ rewrite prompt and its context-prefixed variants, while a KL term keeps the subj
 independent, so all requests of a batch are optimised in ONE batched forward pass, each
 with its own early stop and norm clamp (Adam is element-wise, so each row follows the
 trajectory it would follow alone).
+
+What each step costs is kept to what changes with δ (measured on SmolLM2-135M, 2 CPU cores,
+20 requests with 2 context prefixes: 61.5 s -> 44.2 s for the length groups alone):
+- the blocks up to the edited one run once per batch and are replayed (`replay_blocks`);
+- the LM head runs only at the positions the loss reads (`readout.logits_at`);
+- requests that stopped early leave the batch;
+- short rows (bare and KL prompts) and long rows (context-prefixed) run as separate passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from lightning_alphaedit.hooks import add_to_output, capture_output, stop_after
+from lightning_alphaedit.hooks import (
+    add_to_output,
+    capture_output,
+    replay_blocks,
+    stop_after,
+)
 from lightning_alphaedit.prompts import encode_prompts, target_token_ids
 from lightning_alphaedit.readout import logits_at
 from lightning_alphaedit.requests import EditRequest
@@ -41,6 +54,9 @@ class ValueOptimizationConfig:
     """A request stops optimising once its loss is below this."""
     kl_prompt: str = "{} is a"
     """Template of the essence (KL) prompt."""
+    reuse_lower_layers: bool = True
+    """Compute the blocks up to the edited one once per batch instead of at every step (they do
+    not depend on δ; same result, about a fifth less time). Off: recompute them every step."""
 
     def __post_init__(self) -> None:
         if self.num_grad_steps < 1:
@@ -96,10 +112,17 @@ def optimize_values(
     rows_of = [torch.cat([torch.arange(i * c, (i + 1) * c), torch.tensor([u * c + i])]).to(device) for i in range(u)]
 
     block = targets.block(layer)
-    with torch.no_grad(), capture_output(block, batch.subject_last[: u * c : c]) as h, stop_after(block):
-        bare = slice(0, u * c, c)
-        model(input_ids=batch.input_ids[bare], attention_mask=batch.attention_mask[bare])
-    h0 = h.value.float()  # (u, d) original value at the bare prompt's subject
+    # Blocks 0..layer do not depend on δ: run them once, replay their output at every step.
+    raw = {}
+    record = block.register_forward_hook(lambda module, args, output: raw.__setitem__("output", output))
+    try:
+        with torch.no_grad(), capture_output(block) as below, stop_after(block):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        record.remove()
+    lower = [targets.block(i) for i in range(layer + 1)]
+    bare = torch.arange(0, u * c, c, device=device)  # (u,) the rows without a context prefix
+    h0 = below.value[bare, batch.subject_last[bare]].float()  # (u, d) original value at the subject
     h0_norm = h0.norm(dim=1)  # (u,)
 
     delta = torch.zeros_like(h0, requires_grad=True)  # (u, d)
@@ -117,10 +140,23 @@ def optimize_values(
         rows = torch.cat([rows_of[i] for i in live.tolist()])  # (a*(c+1),): c rewrite rows, then the KL row
         width = int(batch.lengths[rows].max())
         optimizer.zero_grad()
-        with add_to_output(block, delta[row_owner[rows]].to(param_dtype), batch.subject_last[rows]):
-            logits = logits_at(
-                model, targets, batch.input_ids[rows, :width], batch.attention_mask[rows, :width], read[rows, :width]
-            )  # (read positions, V), row-major over rows
+        # Rows differ a lot in length (bare prompt, context-prefixed prompts, KL prompt): run
+        # short and long rows as separate passes, each padded only to its own width.
+        parts, order = [], []
+        for group in _length_groups(batch.lengths[rows]):
+            members = rows[group]
+            w = int(batch.lengths[members].max())
+            replay = (
+                replay_blocks(lower, below.value[members, :w], raw["output"])
+                if config.reuse_lower_layers else nullcontext()
+            )
+            with replay, add_to_output(block, delta[row_owner[members]].to(param_dtype), batch.subject_last[members]):
+                parts.append(logits_at(
+                    model, targets, batch.input_ids[members, :w], batch.attention_mask[members, :w], read[members, :w]
+                ))
+            where = torch.nonzero(read[members, :w])  # (n, 2) read positions, row-major
+            order.append(group[where[:, 0]] * width + where[:, 1])  # their place in the whole batch's order
+        logits = torch.cat(parts)[torch.cat(order).argsort()]  # (read positions, V), row-major over rows
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         counts = read[rows, :width].sum(1).view(a, c + 1)  # (a, c+1) positions read per row
         rewrite_mask = torch.ones(a, c + 1, dtype=torch.bool, device=device)
@@ -164,3 +200,19 @@ def optimize_values(
         steps=steps,
     )
 
+
+def _length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Indices of ``lengths`` split into at most two groups (short, long) when that saves at
+    least a fifth of the padded tokens; else one group."""
+    order = lengths.argsort()
+    sorted_lengths = lengths[order]
+    n = len(lengths)
+    whole = n * int(sorted_lengths[-1])
+    best, split = whole, n
+    for k in range(1, n):  # the first k (shortest) rows in one pass, the rest in another
+        cost = k * int(sorted_lengths[k - 1]) + (n - k) * int(sorted_lengths[-1])
+        if cost < best:
+            best, split = cost, k
+    if best > 0.8 * whole:
+        return [torch.arange(n, device=lengths.device)]
+    return [order[:split].sort().values, order[split:].sort().values]

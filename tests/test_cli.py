@@ -50,3 +50,16 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert list(root.rglob("offline-run-*")), "no W&B offline run was written"
     out = capsys.readouterr().out
     assert "edits applied: 8" in out and "edited model:" in out
+    assert "unedited" in out and "efficacy" in out  # the baseline beside the edited scores
+
+
+def test_trace_on_the_tiny_config(tmp_path, capsys):
+    config = next(p for p in CONFIGS if p.stem == "tiny")
+    out_dir = tmp_path / "trace"
+    run(["trace", "--config", str(config), "--trace.limit", "2", "--trace.samples", "2",
+         "--trace.progress", "false", "--trace.output", str(out_dir)])
+    data = yaml.safe_load((out_dir / "trace.json").read_text())  # JSON is YAML
+    assert len(data["case_ids"]) == 2 and len(data["p_restored"][0][0]) == 4  # 4 layers in tiny.yaml
+    assert (out_dir / "trace.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "recommended layers" in out and str(out_dir / "trace.png") in out
