@@ -74,7 +74,8 @@ def _parse(path: Path, text: str, field: str) -> list[str]:
 
 
 def _load_dataset(spec: str, text_field: str) -> Corpus:
-    """``datasets:NAME?config=C&split=S``: any dataset the `datasets` library can load."""
+    """``datasets:NAME?config=C&split=S``: any dataset the `datasets` library can load; other
+    query fields are passed to ``load_dataset`` (e.g. ``data_files=...``)."""
     try:
         import datasets
     except ImportError:
@@ -82,7 +83,8 @@ def _load_dataset(spec: str, text_field: str) -> Corpus:
     parts = urlsplit(spec[len(DATASETS_PREFIX) :])
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     name = parts.path if not parts.netloc else f"{parts.netloc}{parts.path}"
-    dataset = datasets.load_dataset(name, query.get("config"), split=query.get("split", "train"))
+    options = {key: value for key, value in query.items() if key not in ("config", "split")}  # e.g. data_files
+    dataset = datasets.load_dataset(name, query.get("config"), split=query.get("split", "train"), **options)
     if text_field not in dataset.column_names:
         raise ValueError(f"corpus {spec}: no column {text_field!r} (columns: {dataset.column_names})")
     texts = tuple(t.strip() for t in dataset[text_field] if isinstance(t, str) and t.strip())

@@ -309,11 +309,16 @@ def replay_blocks(blocks: list[nn.Module], output: Tensor, like: Any) -> Iterato
     def replayed(*args: Any, **kwargs: Any) -> Any:
         return shaped(output)
 
+    # A forward already set on the instance (accelerate's device hooks do this) comes back on exit.
+    previous = [block.__dict__.get("forward") for block in blocks]
     try:
         for block in blocks[:-1]:
             block.forward = passthrough
         blocks[-1].forward = replayed
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, forward in zip(blocks, previous):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward

@@ -86,3 +86,17 @@ def test_registry_corpus_reads_its_own_text_field(tmp_path):
     corpus = load_corpus("wikipedia-vital-en", text_field="ignored", cache_dir=str(cache))
     assert corpus.texts == ("Alpha text.", "Beta text.")
     assert "field=extract" in corpus.identity
+
+
+def test_a_datasets_dataset_is_a_corpus(tmp_path):
+    """``datasets:NAME?split=S`` reads any dataset the `datasets` library loads (here a local
+    JSON-lines file through its "json" builder); skipped where `datasets` is not installed."""
+    pytest.importorskip("datasets")
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}) for t in ["One text.", "  ", "Two text."]))
+    spec = f"datasets:json?split=train&data_files={data}&cache_dir={tmp_path / 'hf'}"
+    corpus = load_corpus(spec, text_field="body")
+    assert corpus.texts == ("One text.", "Two text.")
+    assert corpus.identity.startswith(spec)
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_corpus(spec)

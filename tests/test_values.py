@@ -133,3 +133,13 @@ def test_replayed_blocks_give_the_same_output_and_are_restored():
     torch.testing.assert_close(replayed, expected)
     assert calls == []  # block 0 did not run
     assert "forward" not in targets.block(0).__dict__ and "forward" not in targets.block(1).__dict__
+
+
+def test_replay_restores_a_forward_set_on_the_instance():
+    """accelerate sets ``module.forward`` on the instance; a replay must hand it back."""
+    block = torch.nn.Linear(2, 2)
+    own = block.forward  # a bound method stored on the instance, as a wrapper would be
+    block.forward = own
+    with replay_blocks([block], torch.zeros(1, 1, 2), torch.zeros(1)):
+        assert block.forward is not own
+    assert block.__dict__["forward"] is own
