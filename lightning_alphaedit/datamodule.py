@@ -108,8 +108,15 @@ class EditStreamDataModule(pl.LightningDataModule):
         return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_list)
 
     def val_dataloader(self) -> DataLoader:
-        """Every request edited so far."""
-        return DataLoader(self.requests[: self.position], batch_size=self.eval_batch_size, collate_fn=_as_list)
+        """Every request edited by the end of the current edit epoch (validation runs after it).
+
+        Lightning builds the first validation loader before epoch 0 has edited anything and
+        reloads it only from epoch 1 on; a loader of ``requests[:position]`` would leave epoch
+        0 (and a run of one epoch) unvalidated.
+        """
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        end = max(self.position, min((epoch + 1) * self.chunk_size, len(self.requests)))
+        return DataLoader(self.requests[:end], batch_size=self.eval_batch_size, collate_fn=_as_list)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

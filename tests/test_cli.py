@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert list(root.rglob("offline-run-*")), "no W&B offline run was written"
     out = capsys.readouterr().out
     assert "edits applied: 8" in out and "edited model:" in out
-    assert "unedited" in out and "efficacy" in out  # the baseline beside the edited scores
+    # one edit epoch: its validation ran, so both columns hold a number
+    assert re.search(r"efficacy\s+[\d.]+%\s+[\d.]+%", out), out
 
 
 def test_trace_on_the_tiny_config(tmp_path, capsys):

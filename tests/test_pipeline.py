@@ -223,3 +223,16 @@ def test_module_refuses_to_run_without_the_callback(tmp_path):
     module, data, _ = build(tmp_path)
     with pytest.raises(RuntimeError, match="NullSpaceUpdate"):
         trainer(tmp_path, []).fit(module, datamodule=data)
+
+
+def test_validation_after_every_edit_epoch_covers_all_edits_so_far(tmp_path):
+    """Epoch e validates the requests edited in epochs 0..e, the first epoch included."""
+    seen: dict[int, int] = {}
+
+    class CountValidated(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen[trainer.current_epoch] = seen.get(trainer.current_epoch, 0) + len(batch)
+
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=2))
+    trainer(tmp_path, [CountValidated(), update]).fit(module, datamodule=data)
+    assert seen == {0: 8, 1: 16}
