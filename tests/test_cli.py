@@ -13,7 +13,9 @@ from lightning_alphaedit.cli import AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+BENCH_CONFIGS = sorted((ROOT / "bench").glob("*.yaml"))
 
 
 def test_there_are_configs_for_the_released_models():
@@ -21,7 +23,7 @@ def test_there_are_configs_for_the_released_models():
     assert {"tiny", "gpt2-xl", "gpt-j-6b", "llama3-8b", "qwen2.5-7b"} <= names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS + BENCH_CONFIGS, ids=[p.stem for p in CONFIGS + BENCH_CONFIGS])
 def test_config_loads(config):
     cli = AlphaEditCLI(
         AlphaEditModule, EditStreamDataModule, run=False, args=["--config", str(config)],
