@@ -90,8 +90,6 @@ class NullSpaceUpdate(pl.Callback):
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
         pl_module.prepare_editing(self.layers[-1])
-        if self.baseline:
-            pl_module.measure_baseline(trainer.datamodule.requests)
         corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
         moments = layer_statistics(
             pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
@@ -109,6 +107,10 @@ class NullSpaceUpdate(pl.Callback):
                 logger.log_metrics(ranks, step=0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # Here a resumed run already holds its checkpoint's baseline, and the weights are
+        # still the unedited ones: a fresh run measures its baseline now.
+        if self.baseline:
+            pl_module.measure_baseline(trainer.datamodule.requests)
         # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
         # the statistics were taken from the unedited model, now the edits come back.
         if self._restored is None:

@@ -177,11 +177,17 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(alphaedit_run, t
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer(tmp_path, [update, ckpt], max_epochs=1, checkpoint=True).fit(first, datamodule=data)
     assert update.edits_applied == 8
+    assert first.baseline == uninterrupted.baseline  # measured on the same unedited model
+    # the resumed run keeps the checkpoint's baseline (marked here) instead of measuring again
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    state["baseline"] = {**state["baseline"], "efficacy": -1.0}
+    torch.save(state, tmp_path / "ckpt" / "last.ckpt")
     resumed, data2, update2 = build(tmp_path)
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, save_top_k=0)
     trainer(tmp_path, [update2, ckpt2], checkpoint=True).fit(resumed, datamodule=data2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert update2.edits_applied == 16 and data2.position == 16
     assert resumed.context_templates == uninterrupted.context_templates
+    assert resumed.baseline["efficacy"] == -1.0
     reference = dict(uninterrupted.lm.named_parameters())
     for name, param in resumed.lm.named_parameters():
         torch.testing.assert_close(param, reference[name], rtol=0, atol=1e-6, msg=name)
