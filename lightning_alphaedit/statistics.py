@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from lightning_alphaedit.algebra import KeyMoments
 from lightning_alphaedit.corpus import Corpus
 from lightning_alphaedit.hooks import capture_input, stop_after
-from lightning_alphaedit.paths import atomic_file, default_cache_dir
+from lightning_alphaedit.paths import atomic_file, cache_root
 from lightning_alphaedit.targets import ModelTargets
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def layer_statistics(
             "dtype": config.dtype,
         }
 
-    cache = StatisticsCache(Path(config.cache_dir or default_cache_dir()) / "statistics")
+    cache = StatisticsCache(cache_root(config.cache_dir) / "statistics")
     found = {layer: cache.load(key(layer), device) for layer in layers}
     missing = [layer for layer, m in found.items() if m is None]
     if missing:
