@@ -24,9 +24,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.export import run_directory
-from lightning_alphaedit.models import load_model, load_tokenizer
 from lightning_alphaedit.module import AlphaEditModule
-from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.trace import (
     TraceConfig,
     TraceResult,
@@ -116,13 +114,13 @@ def _cli(args: list[str], run: bool = True) -> AlphaEditCLI:
 def trace(cli: AlphaEditCLI) -> TraceResult:
     """Causal tracing on the config's model and the first requests of its edit stream."""
     config = cli.config_init["trace"]
-    lm_config = cli.model.lm_config
-    tokenizer = load_tokenizer(lm_config)
-    model = load_model(lm_config, tokenizer).to(cli.trainer.strategy.root_device)
-    requests = cli.datamodule.load(tokenizer)
-    result = causal_trace(model, tokenizer, ModelTargets(model, lm_config.templates), requests, config)
+    module = cli.model
+    module.configure_model()  # the same model, tokenizer and targets an edit run would use
+    module.lm.to(cli.trainer.strategy.root_device)
+    requests = cli.datamodule.load(module.tokenizer)
+    result = causal_trace(module.lm, module.tokenizer, module.targets, requests, config)
     folder = Path(config.output) if config.output else Path(cli.trainer.default_root_dir) / "trace"
-    json_path, png_path = save_trace(result, config, folder, lm_config.name_or_path or "tiny model")
+    json_path, png_path = save_trace(result, config, folder, module.lm_config.name_or_path or "tiny model")
     print(format_table(result))
     print(f"recommended layers ({config.span} centred on the largest effect at the subject's last token): "
           f"{recommended(result, config)}")

@@ -223,6 +223,14 @@ def add_to_all(module: nn.Module, offsets: Tensor) -> Iterator[None]:
             raise ValueError(f"offsets {tuple(offsets.shape)} do not match the output {tuple(hidden.shape)}")
         return _replace_hidden(output, hidden + offsets.to(dtype=hidden.dtype, device=hidden.device))
 
+    with _first_output_hook(module, hook):
+        yield
+
+
+@contextmanager
+def _first_output_hook(module: nn.Module, hook) -> Iterator[None]:
+    """``hook`` as the module's first forward hook, removed on exit: every other observer sees
+    the output it returns."""
     handle = module.register_forward_hook(hook, prepend=True)
     try:
         yield
@@ -253,11 +261,8 @@ def _patch_output(module: nn.Module, vectors: Tensor, positions: Tensor, accumul
         hidden = hidden.index_put((r, c), patch, accumulate=accumulate)  # out of place
         return _replace_hidden(output, hidden)
 
-    handle = module.register_forward_hook(hook, prepend=True)
-    try:
+    with _first_output_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
