@@ -9,17 +9,21 @@ checkpoint (edited weights, caches, counters) and writes the edited model at the
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_alphaedit.corpus import load_corpus
+from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.drift import DriftConfig, DriftReference
 from lightning_alphaedit.export import export_edited_model, run_directory
+from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.update import METHODS, SequentialEditor
@@ -27,6 +31,10 @@ from lightning_alphaedit.update import METHODS, SequentialEditor
 log = logging.getLogger(__name__)
 
 REJECTION_POLICIES = ("continue", "stop")
+HISTORY_FILE = "metrics.jsonl"
+"""In the run folder: one JSON line per validation (edits applied, scores, drift)."""
+RESULTS_FILE = "results.json"
+"""In the run folder: the test-stage protocol, the baseline and the history, after the stream."""
 
 
 class NullSpaceUpdate(pl.Callback):
@@ -45,6 +53,8 @@ class NullSpaceUpdate(pl.Callback):
         export_dir: Where to save it; None = ``<run directory>/edited_model``.
         baseline: Measure the unedited model on the whole stream before the first edit, so
             every reported score has its baseline beside it.
+        drift: Held-out text on which the drift from the unedited model is measured after every
+            edit epoch and after the stream (``texts: 0`` turns it off).
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class NullSpaceUpdate(pl.Callback):
         export: bool = True,
         export_dir: str | None = None,
         baseline: bool = True,
+        drift: DriftConfig = DriftConfig(),
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -70,6 +81,11 @@ class NullSpaceUpdate(pl.Callback):
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.statistics, self.on_rejected = statistics, on_rejected
         self.export, self.export_dir, self.baseline = export, export_dir, baseline
+        self.drift = drift
+        self.drift_reference: DriftReference | None = None
+        self.history: list[dict] = []  # one record per validation: edits applied, scores, drift
+        self.results_path = None
+        self._test_drift: dict[str, float] = {}
         self.editor: SequentialEditor | None = None
         self.edits_applied = 0
         self.applied_requests: list = []
@@ -100,11 +116,32 @@ class NullSpaceUpdate(pl.Callback):
             nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
         )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
+        if self.drift.texts:
+            held_out = self._held_out_texts(corpus)
+            self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                # charts of every validation figure against the number of edits, not the step
+                logger.experiment.define_metric("val/edits")
+                for prefix in ("val/*", "drift/*"):
+                    logger.experiment.define_metric(prefix, step_metric="val/edits")
         if self.method == "alphaedit":
             ranks = {f"nullspace/rank_layer{l}": float(s.rank) for l, s in self.editor.null_spaces.items()}
             log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
             for logger in trainer.loggers:
                 logger.log_metrics(ranks, step=0)
+
+    def _held_out_texts(self, corpus: Corpus) -> list[str]:
+        """Drift texts: the corpus documents after the statistics sample (never in C0)."""
+        used = self.statistics.sample_count
+        held_out = list(corpus.texts[used : used + self.drift.texts])
+        if len(held_out) < self.drift.texts:
+            held_out = list(corpus.texts[-self.drift.texts :])
+            log.warning(
+                "corpus %s has %d documents, the statistics use %d: drift is measured on its last %d, "
+                "which the statistics also saw", corpus.identity, len(corpus.texts), used, len(held_out),
+            )
+        return held_out
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # Here a resumed run already holds its checkpoint's baseline, and the weights are
@@ -123,6 +160,7 @@ class NullSpaceUpdate(pl.Callback):
         self.edits_applied = state["edits_applied"]
         self.applied_requests = [EditRequest.from_dict(r) for r in state["applied_requests"]]
         self.rejected = list(state["rejected"])
+        self.history = list(state.get("history", []))
 
     # --- after every training step: the update -----------------------------------------------
 
@@ -162,6 +200,47 @@ class NullSpaceUpdate(pl.Callback):
         if trainer.datamodule.exhausted:
             trainer.should_stop = True
 
+    # --- validation and test: drift, the history, the results file ---------------------------------
+
+    def _log_drift(self, pl_module, prefix: str) -> dict[str, float]:
+        drift = self.drift_reference.measure() if self.drift_reference is not None else {}
+        for name, value in drift.items():
+            pl_module.log(f"{prefix}{name}", value)
+        return drift
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        pl_module.log("val/edits", float(self.edits_applied))
+        self._log_drift(pl_module, "drift/")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
+        record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
+        record.pop("val/edits", None)
+        self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        write_text_atomic(run_directory(trainer) / HISTORY_FILE, lines)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._test_drift = self._log_drift(pl_module, "test/drift/")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        edited = dict(pl_module.test_results or {})
+        edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
+        results = {
+            "method": self.method, "layers": self.layers, "model": pl_module.lm_config.identity,
+            "edits_applied": self.edits_applied, "batches_rejected": len(self.rejected),
+            "requests_evaluated": trainer.datamodule.position,
+            "unedited": pl_module.baseline, "edited": edited, "history": self.history,
+        }
+        self.results_path = write_text_atomic(run_directory(trainer) / RESULTS_FILE, json.dumps(results, indent=2))
+        log.info("results written to %s", self.results_path)
+
     # --- end of fit: the edited model -----------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -199,6 +278,7 @@ class NullSpaceUpdate(pl.Callback):
             "edits_applied": self.edits_applied,
             "applied_requests": [r.to_dict() for r in self.applied_requests],
             "rejected": list(self.rejected),
+            "history": list(self.history),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

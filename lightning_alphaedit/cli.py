@@ -23,6 +23,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.export import run_directory
 from lightning_alphaedit.module import AlphaEditModule
 from lightning_alphaedit.trace import (
@@ -54,23 +55,33 @@ class AlphaEditCLI(LightningCLI):
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
 
     def after_fit(self) -> None:
+        """The test stage on every edited request (the paper's protocol), then the table."""
         trainer = self.trainer
+        update = next(cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+        if self.datamodule.position:
+            trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         if not trainer.is_global_zero:
             return
-        update = next(cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate))
-        edited = {k[len("val/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        baseline = self.model.baseline or {}
         print(f"\nedits applied: {update.edits_applied}, batches rejected: {len(update.rejected)}")
-        print(f"  {'':16s} {'unedited':>9s} {'edited':>9s}")
-        for name in sorted(set(edited) | set(baseline)):
-            cells = [f"{100 * t[name]:8.1f}%" if name in t else f"{'-':>9s}" for t in (baseline, edited)]
-            print(f"  {name:16s} {cells[0]} {cells[1]}")
+        print(format_results(self.model.baseline or {}, self.model.test_results or {}, update.results_path))
         print(f"run folder:   {run_directory(trainer)}")
         if update.exported_to:
             print(f"edited model: {update.exported_to}")
         for logger in trainer.loggers:
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
+
+
+def format_results(unedited: dict[str, float], edited: dict[str, float], results_path=None) -> str:
+    """The unedited and edited figures side by side (rates in %, fluency and consistency as is)."""
+    lines = [f"  {'':26s} {'unedited':>9s} {'edited':>9s}"]
+    for name in [n for n in (*RATES, "fluency", "consistency") if n in unedited or n in edited]:
+        scale = 1 if name in ("fluency", "consistency") else 100
+        cells = [f"{scale * t[name]:9.1f}" if name in t else f"{'-':>9s}" for t in (unedited, edited)]
+        lines.append(f"  {name:26s} {cells[0]} {cells[1]}")
+    if results_path:
+        lines.append(f"drift and everything else: {results_path}")
+    return "\n".join(lines)
 
 
 EXPECTED_WARNINGS = (

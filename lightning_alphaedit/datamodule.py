@@ -119,7 +119,8 @@ class EditStreamDataModule(pl.LightningDataModule):
         return DataLoader(self.requests[:end], batch_size=self.eval_batch_size, collate_fn=_as_list)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """Every request of the stream processed so far (after fit: the whole edited stream)."""
+        return DataLoader(self.requests[: self.position], batch_size=self.eval_batch_size, collate_fn=_as_list)
 
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]

@@ -1,78 +1,223 @@
-"""Teacher-forced answer likelihoods and the CounterFact success rates built on them (ALGORITHM.md §7).
+"""The evaluation protocol of ALGORITHM.md §7 on a list of edit requests.
 
-NLL(p, a) is the mean over a's tokens of -log P(a_j | p, a_<j), the answer with a leading
-space. A request counts as edited (efficacy) when NLL(rewrite prompt, new) is below
-NLL(rewrite prompt, true); paraphrases likewise; a neighbourhood prompt is kept
-(specificity) when its true answer stays more likely than the new target.
+For a prompt p and answer a, NLL(p, a) is the mean over a's tokens of -log P(a_j | p, a_<j).
+Per request (CounterFact):
+
+- efficacy: 1[NLL(rewrite, new) < NLL(rewrite, true)]; ``_magnitude``: exp(-NLL new) -
+  exp(-NLL true); ``_argmax``: every token of the new target is the argmax;
+- generalization: the same on the paraphrase prompts, averaged per request;
+- specificity: per neighbourhood prompt, 1[NLL(p, true) < NLL(p, new)], magnitude reversed;
+  ``_argmax``: every token of the true answer is still the argmax;
+- ``*_token_acc`` (zsRE): teacher-forced top-1 accuracy of the answer's tokens (the new
+  target for efficacy and generalization, the neighbour's answer for specificity).
+
+With ``generation``, also (the test stage):
+
+- generation_efficacy / generation_generalization: greedy decoding from the rewrite /
+  paraphrase prompts starts with the new target (the stricter reading later work argues for);
+- fluency: n-gram entropy of top-k sampled texts, 100 tokens with the prompt, seeded, from
+  the requests' generation prompts (their rewrite prompts where they have none);
+- consistency: TF-IDF cosine with reference texts, when those files are configured.
+
+Rates are `MeanMetric`s over per-item values, so they reduce across processes like any metric.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torchmetrics import MeanMetric
 
-from lightning_alphaedit.prompts import target_token_ids
+from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVocabulary
 from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
+from lightning_alphaedit.targets import ModelTargets
+
+RATES = tuple(
+    f"{figure}{variant}"
+    for figure in ("efficacy", "generalization", "specificity")
+    for variant in ("", "_magnitude", "_argmax", "_token_acc")
+) + ("generation_efficacy", "generation_generalization")
+"""Every per-item figure, in table order (fluency and consistency follow)."""
 
 
-@torch.no_grad()
-def answer_nll(model: torch.nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Mean token NLL of each answer after its prompt: (n,), float32, on the model's device."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            answer_ids = target_token_ids(tokenizer, answer)
-            spans.append((len(prompt_ids), len(answer_ids)))
-            rows.append(prompt_ids + answer_ids)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, t)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (b, t, V)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        for i, (p, a) in enumerate(spans):
-            # positions p-1 .. p+a-2 predict the answer tokens p .. p+a-1
-            picked = log_probs[i, p - 1 : p + a - 1].gather(1, ids[i, p : p + a].to(device).unsqueeze(1))
-            out.append(-picked.mean())
-    return torch.stack(out)
+@dataclass
+class ConsistencyConfig:
+    """Files of the CounterFact consistency score (reference: ``tfidf_vocab.json``, ``idf.npy``)."""
+
+    vocabulary: str
+    """JSON object word -> column of the TF-IDF space."""
+    idf: str
+    """IDF per column: ``.npy``, a ``.json`` list or a torch ``.pt`` tensor."""
+    references: str
+    """JSON object case id -> reference text (or list of texts) about the request's new object."""
 
 
-def counterfact_success(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
-    """Per-request efficacy and generalization, per-prompt specificity (0/1 floats).
+@dataclass
+class EvaluationConfig:
+    """What the validation and test stages measure."""
 
-    Requests without a true target count for nothing (they are skipped).
-    """
-    requests = [r for r in requests if r.target_true]
-    result: dict[str, torch.Tensor] = {}
-    if not requests:
+    batch_size: int = 32
+    """Prompts per forward pass when scoring."""
+    generation: bool = True
+    """Generation-based figures (success, fluency, consistency) at the test stage and baseline."""
+    fluency_length: int = 100
+    """Tokens of each fluency text, prompt included (the reference: 100)."""
+    fluency_top_k: int = 5
+    """Top-k sampling of the fluency texts (the reference: 5)."""
+    consistency: ConsistencyConfig | None = None
+    """TF-IDF files for the consistency score; None leaves it out."""
+
+
+class EditEvaluation(torch.nn.Module):
+    """The §7 figures over every request passed to ``update``; ``compute`` gives plain floats."""
+
+    def __init__(self, config: EvaluationConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.config, self.seed = config or EvaluationConfig(), seed
+        self.rates = torch.nn.ModuleDict({name: MeanMetric() for name in RATES})
+        self.fluency = NgramEntropy()
+        self.consistency: TfidfSimilarity | None = None
+        self.references: dict[str, str] = {}
+        if self.config.consistency is not None:
+            files = self.config.consistency
+            self.consistency = TfidfSimilarity(TfidfVocabulary.load(files.vocabulary, files.idf))
+            self.references = _read_references(Path(files.references))
+
+    def _add(self, name: str, values: torch.Tensor) -> None:
+        if values.numel():
+            self.rates[name].to(values.device).update(values)
+
+    @torch.no_grad()
+    def update(
+        self, model: torch.nn.Module, tokenizer, targets: ModelTargets, requests: Sequence[EditRequest],
+        generation: bool = False,
+    ) -> None:
+        """Score ``requests`` on ``model`` as it is now; ``generation`` adds the generated-text figures."""
+        if not requests:
+            return
+        score = lambda prompts, answers: score_answers(  # noqa: E731
+            model, tokenizer, targets, prompts, answers, self.config.batch_size
+        )
+        rewrite = [r.text for r in requests]
+        new = score(rewrite, [r.target_new for r in requests])
+        self._add("efficacy_token_acc", new.token_accuracy)
+        self._add("efficacy_argmax", new.all_argmax)
+        known = [i for i, r in enumerate(requests) if r.target_true]
+        if known:
+            true = score([rewrite[i] for i in known], [requests[i].target_true for i in known])
+            self._comparison("efficacy", _select(new, known), true, range(len(known)))
+
+        para = [(i, p) for i, r in enumerate(requests) for p in r.paraphrase_prompts]
+        if para:
+            prompts = [p for _, p in para]
+            para_new = score(prompts, [requests[i].target_new for i, _ in para])
+            owners = [i for i, _ in para]
+            self._add("generalization_token_acc", _per_owner(para_new.token_accuracy, owners))
+            self._add("generalization_argmax", _per_owner(para_new.all_argmax, owners))
+            with_true = [j for j, (i, _) in enumerate(para) if requests[i].target_true]
+            if with_true:
+                para_true = score([prompts[j] for j in with_true], [requests[para[j][0]].target_true for j in with_true])
+                self._comparison("generalization", _select(para_new, with_true), para_true, [owners[j] for j in with_true])
+
+        neighbours = [(r, n) for r in requests for n in r.neighborhood_prompts]
+        if neighbours:
+            prompts = [n.prompt for _, n in neighbours]
+            keep = score(prompts, [n.target for _, n in neighbours])
+            self._add("specificity_token_acc", keep.token_accuracy)
+            self._add("specificity_argmax", keep.all_argmax)
+            moved = score(prompts, [r.target_new for r, _ in neighbours])
+            self._add("specificity", (keep.nll < moved.nll).float())
+            self._add("specificity_magnitude", (-keep.nll).exp() - (-moved.nll).exp())
+
+        if generation and self.config.generation:
+            self._generation(model, tokenizer, requests)
+
+    def _comparison(self, name: str, new: AnswerScores, true: AnswerScores, owners: Sequence[int]) -> None:
+        """Success and magnitude of the new target over the true one, averaged per owner request."""
+        self._add(name, _per_owner((new.nll < true.nll).float(), owners))
+        self._add(f"{name}_magnitude", _per_owner((-new.nll).exp() - (-true.nll).exp(), owners))
+
+    def _generation(self, model, tokenizer, requests: Sequence[EditRequest]) -> None:
+        device = next(model.parameters()).device
+        # (owner, prompt, is the rewrite prompt) for every rewrite and paraphrase prompt
+        prompts = [(i, p, j == 0) for i, r in enumerate(requests) for j, p in enumerate((r.text, *r.paraphrase_prompts))]
+        longest = max(len(tokenizer(" " + r.target_new.strip(), add_special_tokens=False)["input_ids"]) for r in requests)
+        continuations = generate(model, tokenizer, [p for _, p, _ in prompts], max_new_tokens=longest + 1)
+        hits = [float(starts_with_answer(c, requests[i].target_new)) for (i, _, _), c in zip(prompts, continuations)]
+        self._add("generation_efficacy", torch.tensor([h for h, (_, _, rw) in zip(hits, prompts) if rw], device=device))
+        paraphrases = [(h, i) for h, (i, _, rw) in zip(hits, prompts) if not rw]
+        if paraphrases:
+            values = torch.tensor([h for h, _ in paraphrases], device=device)
+            self._add("generation_generalization", _per_owner(values, [i for _, i in paraphrases]))
+
+        fluency_prompts = [(i, p) for i, r in enumerate(requests) for p in (r.generation_prompts or (r.text,))]
+        texts = generate(
+            model, tokenizer, [p for _, p in fluency_prompts], max_length=self.config.fluency_length,
+            top_k=self.config.fluency_top_k, seed=self.seed, include_prompt=True,
+        )
+        self.fluency.to(device).update(texts)
+        if self.consistency is not None:
+            joined: dict[int, list[str]] = {}
+            for (i, _), text in zip(fluency_prompts, texts):
+                joined.setdefault(i, []).append(text)
+            pairs = [(" ".join(t), self.references[requests[i].case_id]) for i, t in joined.items()
+                     if requests[i].case_id in self.references]
+            if pairs:
+                self.consistency.update([g for g, _ in pairs], [r for _, r in pairs])
+
+    def compute(self) -> dict[str, float]:
+        """Every figure that has seen data, as floats (rates in [0, 1], fluency and consistency x 100)."""
+        result = {name: float(m.compute()) for name, m in self.rates.items() if m.update_count}
+        if self.fluency.update_count:
+            result["fluency"] = float(self.fluency.compute())
+        if self.consistency is not None and self.consistency.update_count and float(self.consistency.count):
+            result["consistency"] = float(self.consistency.compute())
         return result
-    rewrite = [r.text for r in requests]
-    new = answer_nll(model, tokenizer, rewrite, [r.target_new for r in requests])
-    true = answer_nll(model, tokenizer, rewrite, [r.target_true for r in requests])
-    result["efficacy"] = (new < true).float()
 
-    para = [(i, p) for i, r in enumerate(requests) for p in r.paraphrase_prompts]
-    if para:
-        owners = torch.tensor([i for i, _ in para], device=new.device)
-        prompts = [p for _, p in para]
-        hits = (
-            answer_nll(model, tokenizer, prompts, [requests[i].target_new for i, _ in para])
-            < answer_nll(model, tokenizer, prompts, [requests[i].target_true for i, _ in para])
-        ).float()
-        per_request = torch.zeros(len(requests), device=new.device).index_add_(0, owners, hits)
-        counts = torch.zeros(len(requests), device=new.device).index_add_(0, owners, torch.ones_like(hits))
-        result["generalization"] = per_request[counts > 0] / counts[counts > 0]
+    def reset(self) -> None:
+        for metric in [*self.rates.values(), self.fluency] + ([self.consistency] if self.consistency else []):
+            metric.reset()
 
-    neighbours = [(r, n) for r in requests for n in r.neighborhood_prompts]
-    if neighbours:
-        prompts = [n.prompt for _, n in neighbours]
-        keep = answer_nll(model, tokenizer, prompts, [n.target for _, n in neighbours])
-        moved = answer_nll(model, tokenizer, prompts, [r.target_new for r, _ in neighbours])
-        result["specificity"] = (keep < moved).float()
+
+def _select(scores: AnswerScores, rows: Sequence[int]) -> AnswerScores:
+    index = torch.tensor(list(rows), dtype=torch.long, device=scores.nll.device)
+    return AnswerScores(scores.nll[index], scores.token_accuracy[index], scores.all_argmax[index])
+
+
+def _per_owner(values: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+    """Mean of ``values`` per owner (owners in ascending order): per-request averages."""
+    owner = torch.tensor(list(owners), dtype=torch.long, device=values.device)
+    unique, inverse = torch.unique(owner, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, torch.ones_like(values))
+    return sums / counts
+
+
+def _read_references(path: Path) -> dict[str, str]:
+    """case id -> one reference text (lists are joined with spaces, as the reference does)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object case id -> reference text(s)")
+    result = {}
+    for case_id, texts in data.items():
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{path}: case {case_id!r}: field value must be a text or a list of texts")
+        result[str(case_id)] = " ".join(texts)
     return result
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer, targets: ModelTargets, requests: Sequence[EditRequest],
+    config: EvaluationConfig | None = None, generation: bool = False, seed: int = 0,
+) -> dict[str, float]:
+    """All figures for ``requests`` on ``model`` in one call (the metric used on its own)."""
+    evaluation = EditEvaluation(config, seed).to(next(model.parameters()).device)
+    evaluation.update(model, tokenizer, targets, requests, generation=generation)
+    return evaluation.compute()

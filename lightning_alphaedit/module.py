@@ -14,9 +14,7 @@ from functools import cached_property
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import MeanMetric
-
-from lightning_alphaedit.evaluation import counterfact_success
+from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
 from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
 from lightning_alphaedit.prompts import generate_context_templates
@@ -46,7 +44,8 @@ class AlphaEditModule(pl.LightningModule):
         lm: Which language model to edit and how to load it.
         values: Hyperparameters of the value-vector optimization.
         context: Context prefixes of the rewrite prompts.
-        seed: Seeds every random choice of the module (the context prefixes).
+        evaluation: What validation (after every edit epoch) and test (after the stream) measure.
+        seed: Seeds every random choice of the module (context prefixes, fluency sampling).
     """
 
     def __init__(
@@ -54,11 +53,13 @@ class AlphaEditModule(pl.LightningModule):
         lm: ModelConfig = ModelConfig(),
         values: ValueOptimizationConfig = ValueOptimizationConfig(),
         context: ContextConfig = ContextConfig(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lm_config, self.values, self.context, self.seed = lm, values, context, seed
+        self.evaluation = evaluation
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold no model weights, see on_save_checkpoint
         self.lm: torch.nn.Module | None = None
@@ -66,7 +67,9 @@ class AlphaEditModule(pl.LightningModule):
         self.context_templates: list[str] | None = None
         self.edit_layer: int | None = None  # the last edited layer, set by the callback
         self.baseline: dict[str, float] | None = None  # the unedited model's scores on the stream
-        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in ("efficacy", "generalization", "specificity")})
+        self.val_metrics = EditEvaluation(evaluation, seed)
+        self.test_metrics = EditEvaluation(evaluation, seed)
+        self.test_results: dict[str, float] | None = None  # the edited model's scores after the stream
 
     @cached_property
     def tokenizer(self):
@@ -108,12 +111,15 @@ class AlphaEditModule(pl.LightningModule):
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
             )
 
-    def measure_baseline(self, requests: Sequence[EditRequest]) -> dict[str, float]:
-        """The unedited model's efficacy, generalization and specificity on every request of the
-        stream, measured once before the first edit (kept in checkpoints) and logged."""
+    def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int = 32) -> dict[str, float]:
+        """The unedited model's scores (every test-stage figure) on every request of the stream,
+        measured once before the first edit (kept in checkpoints) and logged."""
         if self.baseline is None:
-            scores = counterfact_success(self.lm, self.tokenizer, requests)
-            self.baseline = {name: float(values.mean()) for name, values in scores.items()}
+            evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
+            for start in range(0, len(requests), batch_size):
+                chunk = requests[start : start + batch_size]
+                evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True)
+            self.baseline = evaluation.compute()
             for logger in self.loggers:
                 logger.log_metrics({f"baseline/{k}": v for k, v in self.baseline.items()}, step=0)
         return self.baseline
@@ -144,15 +150,21 @@ class AlphaEditModule(pl.LightningModule):
         return {"requests": batch, "targets": result.targets, "values": result}
 
     def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
-        scores = counterfact_success(self.lm, self.tokenizer, batch)
-        for name, values in scores.items():
-            self.val_metrics[name].update(values)
+        self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch)
 
     def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_metrics.items():
-            if metric.update_count:
-                self.log(f"val/{name}", metric.compute())
-            metric.reset()
+        for name, value in self.val_metrics.compute().items():
+            self.log(f"val/{name}", value)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+        self.test_metrics.update(self.lm, self.tokenizer, self.targets, batch, generation=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.test_metrics.compute()
+        for name, value in self.test_results.items():
+            self.log(f"test/{name}", value)
+        self.test_metrics.reset()
 
     # --- checkpoints: only what this module owns ---------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -53,8 +54,16 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert list(root.rglob("offline-run-*")), "no W&B offline run was written"
     out = capsys.readouterr().out
     assert "edits applied: 8" in out and "edited model:" in out
-    # one edit epoch: its validation ran, so both columns hold a number
-    assert re.search(r"efficacy\s+[\d.]+%\s+[\d.]+%", out), out
+    # the test stage ran after fit: both columns hold a number, and the files hold the same
+    match = re.search(r"\n  efficacy\s+([\d.]+)\s+([\d.]+)\n", out)
+    assert match, out
+    results = json.loads(Path(update.results_path).read_text())
+    assert results["edits_applied"] == 8 and results["requests_evaluated"] == 8
+    assert float(match[1]) == round(100 * results["unedited"]["efficacy"], 1)
+    assert float(match[2]) == round(100 * results["edited"]["efficacy"], 1)
+    assert {"fluency", "drift/kl", "drift/hidden_shift", "drift/output_change_layer2"} <= set(results["edited"])
+    history = [json.loads(line) for line in (Path(update.results_path).parent / "metrics.jsonl").read_text().splitlines()]
+    assert [h["edits"] for h in history] == [8] and "val/efficacy" in history[0] and "drift/kl" in history[0]
 
 
 def test_trace_on_the_tiny_config(tmp_path, capsys):

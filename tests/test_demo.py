@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_alphaedit.evaluation import answer_nll
+from lightning_alphaedit.scoring import score_answers
+from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.paths import default_cache_dir
 from lightning_alphaedit.requests import read_requests, validate_requests
 from lightning_alphaedit.tiny import byte_level_tokenizer
@@ -44,6 +45,7 @@ def test_the_unedited_model_knows_the_demo_facts():
     model = AutoModelForCausalLM.from_pretrained(USER_MODEL, dtype=torch.float32).eval()
     requests = read_requests(DEMO)
     prompts = [r.text for r in requests]
-    true = answer_nll(model, tokenizer, prompts, [r.target_true for r in requests])
-    new = answer_nll(model, tokenizer, prompts, [r.target_new for r in requests])
+    targets = ModelTargets(model)
+    true = score_answers(model, tokenizer, targets, prompts, [r.target_true for r in requests]).nll
+    new = score_answers(model, tokenizer, targets, prompts, [r.target_new for r in requests]).nll
     assert (true < new).float().mean() >= 0.9
