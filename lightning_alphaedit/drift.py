@@ -55,9 +55,10 @@ def _logits_and_hidden(model, targets: ModelTargets, batch) -> tuple[torch.Tenso
 
 
 def _coarse_log_probs(log_probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """log P over the k tokens ``top`` (n, k) plus one bucket for the rest: (n, k + 1)."""
-    picked = log_probs.gather(1, top)  # (n, k)
-    rest = torch.log1p(-picked.exp().sum(dim=1).clamp(max=1.0 - 1e-12))  # (n,) log(1 - Σ p_top)
+    """log P over the k tokens ``top`` (n, k) plus one bucket for the rest: (n, k + 1), float64
+    (in float32, 1 - Σ p_top rounds to 0 when k covers almost all the mass)."""
+    picked = log_probs.gather(1, top).double()  # (n, k)
+    rest = torch.log1p(-picked.exp().sum(dim=1).clamp(max=1.0 - 1e-15))  # (n,) log(1 - Σ p_top)
     return torch.cat([picked, rest[:, None]], dim=1)
 
 
