@@ -22,7 +22,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.drift import DriftConfig, DriftReference
-from lightning_alphaedit.export import export_edited_model, run_directory
+from lightning_alphaedit.evaluation import TEACHER_FORCED
+from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE, export_edited_model, run_directory
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
@@ -31,10 +32,6 @@ from lightning_alphaedit.update import METHODS, SequentialEditor
 log = logging.getLogger(__name__)
 
 REJECTION_POLICIES = ("continue", "stop")
-HISTORY_FILE = "metrics.jsonl"
-"""In the run folder: one JSON line per validation (edits applied, scores, drift)."""
-RESULTS_FILE = "results.json"
-"""In the run folder: the test-stage protocol, the baseline and the history, after the stream."""
 
 
 class NullSpaceUpdate(pl.Callback):
@@ -147,7 +144,12 @@ class NullSpaceUpdate(pl.Callback):
         # Here a resumed run already holds its checkpoint's baseline, and the weights are
         # still the unedited ones: a fresh run measures its baseline now.
         if self.baseline:
-            pl_module.measure_baseline(trainer.datamodule.requests)
+            baseline = pl_module.measure_baseline(trainer.datamodule.requests)
+            if not self.history and trainer.is_global_zero:  # the curves start at 0 edits
+                self.history.append({"edits": 0, "epoch": -1} | {
+                    f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
+                })
+                self._write_history(trainer)
         # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
         # the statistics were taken from the unedited model, now the edits come back.
         if self._restored is None:
@@ -221,6 +223,9 @@ class NullSpaceUpdate(pl.Callback):
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
         record.pop("val/edits", None)
         self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
+        self._write_history(trainer)
+
+    def _write_history(self, trainer: pl.Trainer) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         write_text_atomic(run_directory(trainer) / HISTORY_FILE, lines)
 

@@ -3,9 +3,11 @@
     lightning-alphaedit fit --config configs/tiny.yaml
     lightning-alphaedit fit --config configs/llama3-8b.yaml --data.limit 2000
     lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
+    lightning-alphaedit report RUN_DIR [RUN_DIR ...]
 
 ``trace`` reads the same config (the model, the edit stream) plus its own ``trace:``
-section, and runs causal tracing instead of training.
+section, and runs causal tracing instead of training. ``report`` draws the figures of
+finished runs against the number of edits (see `lightning_alphaedit.report`).
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``.
@@ -20,12 +22,14 @@ import warnings
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.export import run_directory
 from lightning_alphaedit.module import AlphaEditModule
+from lightning_alphaedit.report import main as report_main
 from lightning_alphaedit.trace import (
     TraceConfig,
     TraceResult,
@@ -68,8 +72,10 @@ class AlphaEditCLI(LightningCLI):
         if update.exported_to:
             print(f"edited model: {update.exported_to}")
         for logger in trainer.loggers:
-            if hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):
+            if isinstance(logger, WandbLogger):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
+                # finished here, or a second run in this process would write into this one
+                logger.experiment.finish()
 
 
 def format_results(unedited: dict[str, float], edited: dict[str, float], results_path=None) -> str:
@@ -94,12 +100,15 @@ EXPECTED_WARNINGS = (
 """Lightning warnings about choices this design makes on purpose (silenced in the CLI only)."""
 
 
-def run(args: list[str] | None = None) -> AlphaEditCLI:
-    """Parse ``args`` (default: the command line), run the subcommand, return the CLI."""
+def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
+    """Parse ``args`` (default: the command line), run the subcommand, return the CLI
+    (the report folder for ``report``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] == "report":
+        return report_main(args[1:])
     if args and args[0] == "trace":
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")

@@ -37,11 +37,13 @@ from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
 
-RATES = tuple(
+TEACHER_FORCED = tuple(
     f"{figure}{variant}"
     for figure in ("efficacy", "generalization", "specificity")
     for variant in ("", "_magnitude", "_argmax", "_token_acc")
-) + ("generation_efficacy", "generation_generalization")
+)
+"""The per-item figures of every validation (no generation), in table order."""
+RATES = TEACHER_FORCED + ("generation_efficacy", "generation_generalization")
 """Every per-item figure, in table order (fluency and consistency follow)."""
 
 

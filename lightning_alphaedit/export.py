@@ -16,6 +16,10 @@ from lightning_alphaedit.requests import EditRequest, write_jsonl
 
 DELTAS_FILE = "alphaedit_deltas.safetensors"
 EDITS_FILE = "alphaedit_edits.jsonl"
+HISTORY_FILE = "metrics.jsonl"
+"""In the run folder: one JSON line per validation (edits applied, scores, drift)."""
+RESULTS_FILE = "results.json"
+"""In the run folder: the test-stage protocol, the unedited baseline and the history."""
 
 
 def run_directory(trainer) -> Path:

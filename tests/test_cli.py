@@ -63,7 +63,8 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert float(match[2]) == round(100 * results["edited"]["efficacy"], 1)
     assert {"fluency", "drift/kl", "drift/hidden_shift", "drift/output_change_layer2"} <= set(results["edited"])
     history = [json.loads(line) for line in (Path(update.results_path).parent / "metrics.jsonl").read_text().splitlines()]
-    assert [h["edits"] for h in history] == [8] and "val/efficacy" in history[0] and "drift/kl" in history[0]
+    assert [h["edits"] for h in history] == [0, 8] and "drift/kl" in history[1]
+    assert history[0]["val/efficacy"] == results["unedited"]["efficacy"]  # the curves start at the baseline
 
 
 def test_trace_on_the_tiny_config(tmp_path, capsys):
@@ -76,3 +77,30 @@ def test_trace_on_the_tiny_config(tmp_path, capsys):
     assert (out_dir / "trace.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "recommended layers" in out and str(out_dir / "trace.png") in out
+
+
+def test_report_draws_two_runs_on_shared_figures(tmp_path, capsys):
+    config = next(p for p in CONFIGS if p.stem == "tiny")
+    folders = []
+    for method in ("alphaedit", "memit"):
+        cli = run(["fit", "--config", str(config), "--data.limit", "8", "--data.edits_per_epoch", "4",
+                   "--edit.method", method, "--trainer.enable_progress_bar", "false"])
+        folders.append(str(Path(next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate)).results_path).parent))
+    out = tmp_path / "report"
+    assert run(["report", *folders, "--output", str(out)]) == out
+    table = (out / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| alphaedit") or line.startswith("| memit")]
+    assert len(rows) == 4, table  # unedited and edited row per run
+    assert "| alphaedit | 8 |" in table and "| memit | 8 |" in table
+    for name in ("val_efficacy", "val_specificity", "drift_kl", "drift_output_change_layer2"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert f"({name}.png)" in table
+    assert list((out / "wandb").glob("offline-run-*/*.wandb")), "no W&B offline run with the charts"
+    # the history each figure is drawn from: the baseline at 0 edits, then one point per edit epoch
+    history = [json.loads(line) for line in (Path(folders[0]) / "metrics.jsonl").read_text().splitlines()]
+    assert [h["edits"] for h in history] == [0, 4, 8]
+
+
+def test_report_names_a_folder_without_runs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl or results.json"):
+        run(["report", str(tmp_path), "--no-wandb"])
