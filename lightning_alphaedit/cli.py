@@ -126,7 +126,7 @@ def _cli(args: list[str], run: bool = True) -> AlphaEditCLI:
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"save_to_log_dir": False},
         auto_configure_optimizers=False,
-        args=args,
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given sys.argv again
         run=run,
     )
 

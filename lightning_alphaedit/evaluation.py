@@ -64,7 +64,7 @@ class EvaluationConfig:
     """What the validation and test stages measure."""
 
     batch_size: int = 32
-    """Prompts per forward pass when scoring."""
+    """Prompts per forward pass when scoring, and per generate call."""
     generation: bool = True
     """Generation-based figures (success, fluency, consistency) at the test stage and baseline."""
     fluency_length: int = 100
@@ -149,7 +149,8 @@ class EditEvaluation(torch.nn.Module):
         # (owner, prompt, is the rewrite prompt) for every rewrite and paraphrase prompt
         prompts = [(i, p, j == 0) for i, r in enumerate(requests) for j, p in enumerate((r.text, *r.paraphrase_prompts))]
         longest = max(len(tokenizer(" " + r.target_new.strip(), add_special_tokens=False)["input_ids"]) for r in requests)
-        continuations = generate(model, tokenizer, [p for _, p, _ in prompts], max_new_tokens=longest + 1)
+        continuations = generate(model, tokenizer, [p for _, p, _ in prompts], max_new_tokens=longest + 1,
+                                 batch_size=self.config.batch_size)
         hits = [float(starts_with_answer(c, requests[i].target_new)) for (i, _, _), c in zip(prompts, continuations)]
         self._add("generation_efficacy", torch.tensor([h for h, (_, _, rw) in zip(hits, prompts) if rw], device=device))
         paraphrases = [(h, i) for h, (i, _, rw) in zip(hits, prompts) if not rw]
@@ -160,7 +161,7 @@ class EditEvaluation(torch.nn.Module):
         fluency_prompts = [(i, p) for i, r in enumerate(requests) for p in (r.generation_prompts or (r.text,))]
         texts = generate(
             model, tokenizer, [p for _, p in fluency_prompts], max_length=self.config.fluency_length,
-            top_k=self.config.fluency_top_k, seed=self.seed, include_prompt=True,
+            top_k=self.config.fluency_top_k, seed=self.seed, include_prompt=True, batch_size=self.config.batch_size,
         )
         self.fluency.to(device).update(texts)
         if self.consistency is not None:

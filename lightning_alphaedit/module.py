@@ -111,13 +111,14 @@ class AlphaEditModule(pl.LightningModule):
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
             )
 
-    def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int = 32) -> dict[str, float]:
+    def measure_baseline(self, requests: Sequence[EditRequest]) -> dict[str, float]:
         """The unedited model's scores (every test-stage figure) on every request of the stream,
         measured once before the first edit (kept in checkpoints) and logged."""
         if self.baseline is None:
             evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
-            for start in range(0, len(requests), batch_size):
-                chunk = requests[start : start + batch_size]
+            size = self.evaluation.batch_size
+            for start in range(0, len(requests), size):
+                chunk = requests[start : start + size]
                 evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True)
             self.baseline = evaluation.compute()
             for logger in self.loggers:
