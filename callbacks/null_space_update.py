@@ -27,6 +27,7 @@ from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE, export_edited
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
+from lightning_alphaedit.timing import peak_memory, timed
 from lightning_alphaedit.update import METHODS, SequentialEditor
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class NullSpaceUpdate(pl.Callback):
         self.history: list[dict] = []  # one record per validation: edits applied, scores, drift
         self.results_path = None
         self._test_drift: dict[str, float] = {}
+        self.timing: dict[str, float] = {}  # seconds per phase, summed over the run
+        self._stage_started = 0.0
         self.editor: SequentialEditor | None = None
         self.edits_applied = 0
         self.applied_requests: list = []
@@ -103,19 +106,23 @@ class NullSpaceUpdate(pl.Callback):
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
         pl_module.prepare_editing(self.layers[-1])
-        corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
-        moments = layer_statistics(
-            pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
-            pl_module.lm_config.identity, corpus,
-        )
-        self.editor = SequentialEditor(
-            targets, self.layers, moments, method=self.method, l2=self.l2,
-            nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
-        )
+        device = pl_module.device
+        with timed(self.timing, "statistics", device):  # loaded from the cache, or collected
+            corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
+            moments = layer_statistics(
+                pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
+                pl_module.lm_config.identity, corpus,
+            )
+        with timed(self.timing, "projector", device):
+            self.editor = SequentialEditor(
+                targets, self.layers, moments, method=self.method, l2=self.l2,
+                nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
+            )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts:
             held_out = self._held_out_texts(corpus)
-            self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
+            with timed(self.timing, "drift_reference", device):
+                self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 # charts of every validation figure against the number of edits, not the step
@@ -144,7 +151,8 @@ class NullSpaceUpdate(pl.Callback):
         # Here a resumed run already holds its checkpoint's baseline, and the weights are
         # still the unedited ones: a fresh run measures its baseline now.
         if self.baseline:
-            baseline = pl_module.measure_baseline(trainer.datamodule.requests)
+            with timed(self.timing, "baseline", pl_module.device):
+                baseline = pl_module.measure_baseline(trainer.datamodule.requests)
             if not self.history and trainer.is_global_zero:  # the curves start at 0 edits
                 self.history.append({"edits": 0, "epoch": -1} | {
                     f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
@@ -163,6 +171,8 @@ class NullSpaceUpdate(pl.Callback):
         self.applied_requests = [EditRequest.from_dict(r) for r in state["applied_requests"]]
         self.rejected = list(state["rejected"])
         self.history = list(state.get("history", []))
+        for phase, seconds in state.get("timing", {}).items():  # earlier sessions of this run
+            self.timing[phase] = self.timing.get(phase, 0.0) + seconds
 
     # --- after every training step: the update -----------------------------------------------
 
@@ -177,6 +187,9 @@ class NullSpaceUpdate(pl.Callback):
             current_values=lambda: pl_module.current_values(requests),
         )
         trainer.datamodule.advance(len(requests))
+        for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
+            self.timing[phase] = self.timing.get(phase, 0.0) + seconds
+            pl_module.log(f"time/{phase}", seconds, batch_size=len(requests))
         if outcome.applied:
             self.edits_applied += len(requests)
             self.applied_requests.extend(requests)
@@ -194,7 +207,8 @@ class NullSpaceUpdate(pl.Callback):
         result = outputs["values"]
         rank_zero_info(
             f"edit batch of {len(requests)}: {'applied' if outcome.applied else 'REJECTED'}, value loss "
-            f"{float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, {seconds:.1f} s; "
+            f"{float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, {seconds:.1f} s "
+            f"({', '.join(f'{k} {v:.1f}' for k, v in {**outputs['seconds'], **outcome.seconds}.items())}); "
             f"{self.edits_applied} of {len(trainer.datamodule.requests)} edits applied"
         )
 
@@ -210,6 +224,12 @@ class NullSpaceUpdate(pl.Callback):
             pl_module.log(f"{prefix}{name}", value)
         return drift
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._stage_started = time.perf_counter()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._stage_started = time.perf_counter()
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
@@ -219,6 +239,7 @@ class NullSpaceUpdate(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        self.timing["validation"] = self.timing.get("validation", 0.0) + time.perf_counter() - self._stage_started
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
         record.pop("val/edits", None)
@@ -235,6 +256,7 @@ class NullSpaceUpdate(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
+        self.timing["test"] = self.timing.get("test", 0.0) + time.perf_counter() - self._stage_started
         edited = dict(pl_module.test_results or {})
         edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
         results = {
@@ -242,6 +264,7 @@ class NullSpaceUpdate(pl.Callback):
             "edits_applied": self.edits_applied, "batches_rejected": len(self.rejected),
             "requests_evaluated": trainer.datamodule.position,
             "unedited": pl_module.baseline, "edited": edited, "history": self.history,
+            "timing_seconds": dict(self.timing), "memory": peak_memory(pl_module.device),
         }
         self.results_path = write_text_atomic(run_directory(trainer) / RESULTS_FILE, json.dumps(results, indent=2))
         log.info("results written to %s", self.results_path)
@@ -284,6 +307,7 @@ class NullSpaceUpdate(pl.Callback):
             "applied_requests": [r.to_dict() for r in self.applied_requests],
             "rejected": list(self.rejected),
             "history": list(self.history),
+            "timing": dict(self.timing),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -20,6 +20,7 @@ from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
 from lightning_alphaedit.prompts import generate_context_templates
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.timing import timed
 from lightning_alphaedit.values import (
     ValueOptimizationConfig,
     ValueResult,
@@ -140,7 +141,8 @@ class AlphaEditModule(pl.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         if self.edit_layer is None or self.context_templates is None:
             raise RuntimeError("training_step before NullSpaceUpdate prepared the module")
-        with torch.enable_grad():
+        seconds: dict[str, float] = {}
+        with torch.enable_grad(), timed(seconds, "values", self.device):
             result: ValueResult = optimize_values(
                 self.lm, self.tokenizer, self.targets, batch, self.edit_layer, self.context_templates, self.values
             )
@@ -148,7 +150,7 @@ class AlphaEditModule(pl.LightningModule):
         self.log("edit/value_loss", result.loss.mean(), batch_size=size, prog_bar=True)
         self.log("edit/value_nll", result.nll.mean(), batch_size=size)
         self.log("edit/value_steps", result.steps.float().mean(), batch_size=size)
-        return {"requests": batch, "targets": result.targets, "values": result}
+        return {"requests": batch, "targets": result.targets, "values": result, "seconds": seconds}
 
     def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch)

@@ -16,6 +16,7 @@ import torch
 from lightning_alphaedit import algebra
 from lightning_alphaedit.algebra import KeyMoments, NullSpace
 from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.timing import timed
 
 METHODS = ("alphaedit", "memit")
 
@@ -32,6 +33,7 @@ class BatchOutcome:
     reason: str | None = None
     delta_norms: dict[int, float] = field(default_factory=dict)
     residual_norms: dict[int, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # keys (forward passes), solve, cache
 
 
 class WeightSnapshot:
@@ -107,18 +109,22 @@ class SequentialEditor:
         """
         snapshot = WeightSnapshot(self.targets, self.layers)
         outcome = BatchOutcome(applied=False)
+        device = target_values.device
         try:
             for i, layer in enumerate(self.layers):
-                keys = keys_at(layer)  # (u, d_in)
-                residuals = (target_values - current_values()) / (len(self.layers) - i)  # (u, d_out)
-                delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
+                with timed(outcome.seconds, "keys", device):
+                    keys = keys_at(layer)  # (u, d_in)
+                    residuals = (target_values - current_values()) / (len(self.layers) - i)  # (u, d_out)
+                with timed(outcome.seconds, "solve", device):
+                    delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
                 if not torch.isfinite(delta).all():
                     raise NonFiniteUpdate(f"layer {layer}: the update is not finite")
                 self.targets.add_delta(layer, delta)
                 outcome.delta_norms[layer] = float(delta.norm())
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
             # the cache holds the keys of the edited model, as in the reference
-            new_caches = {layer: self._grown_cache(layer, keys_at(layer)) for layer in self.layers}
+            with timed(outcome.seconds, "cache", device):
+                new_caches = {layer: self._grown_cache(layer, keys_at(layer)) for layer in self.layers}
             if not all(torch.isfinite(c).all() for c in new_caches.values()):
                 raise NonFiniteUpdate("the sequential cache update is not finite")
         except NonFiniteUpdate as error:

@@ -1,0 +1,41 @@
+"""Where the time goes: wall-clock seconds per phase, added into a dict.
+
+On a GPU the work is asynchronous, so each phase synchronizes the device before reading the
+clock; otherwise a phase would be charged for the kernels of the one before it.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+
+import torch
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(totals: MutableMapping[str, float], phase: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the seconds spent inside the block to ``totals[phase]``."""
+    _synchronize(device)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _synchronize(device)
+        totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - started
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak memory so far: the device's allocator peak on a GPU, and the process's peak RSS."""
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"process_peak_rss_bytes": kilobytes * (1 if sys.platform == "darwin" else 1024)}
+    if device.type == "cuda":
+        peak["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return peak
