@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -38,16 +39,19 @@ def run_method(method: str, args, output: Path) -> dict:
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(args.config),
         "--data.path", str(DATA), "--data.limit", str(args.n), "--data.batch_size", str(args.batch),
         "--data.edits_per_epoch", str(args.epoch or max(args.batch, args.n // 5)),
-        "--edit.method", method, "--trainer.default_root_dir", str(folder),
-        "--trainer.enable_progress_bar", "false", *args.extra,
+        "--edit.method", method, "--trainer.enable_progress_bar", "false", *args.extra,
     ]
-    print(f"\n=== {method}: {shlex.join(command)}", flush=True)
+    # the configs put runs under $LIGHTNING_ALPHAEDIT_RUNS (their logger's folder follows it;
+    # a --trainer.default_root_dir override would not move the logger's)
+    environment = {**os.environ, "LIGHTNING_ALPHAEDIT_RUNS": str(folder)}
+    print(f"\n=== {method}: LIGHTNING_ALPHAEDIT_RUNS={folder} {shlex.join(command)}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True, cwd=ROOT, env=environment)
     wall = time.perf_counter() - started
     results_file = max(folder.rglob("results.json"), key=lambda p: p.stat().st_mtime)
     results = json.loads(results_file.read_text())
-    results.update(wall_seconds=wall, command=shlex.join(command), folder=str(results_file.parent))
+    results.update(wall_seconds=wall, command=f"LIGHTNING_ALPHAEDIT_RUNS={folder} {shlex.join(command)}",
+                   folder=str(results_file.parent))
     return results
 
 

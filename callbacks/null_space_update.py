@@ -150,19 +150,22 @@ class NullSpaceUpdate(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # Here a resumed run already holds its checkpoint's baseline, and the weights are
         # still the unedited ones: a fresh run measures its baseline now.
+        baseline = None
         if self.baseline:
             with timed(self.timing, "baseline", pl_module.device):
                 baseline = pl_module.measure_baseline(trainer.datamodule.requests)
-            if not self.history and trainer.is_global_zero:  # the curves start at 0 edits
-                self.history.append({"edits": 0, "epoch": -1} | {
-                    f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
-                })
-                self._write_history(trainer)
         # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
         # the statistics were taken from the unedited model, now the edits come back.
-        if self._restored is None:
-            return
-        state, self._restored = self._restored, None
+        if self._restored is not None:
+            self._restore(self._restored, pl_module)
+            self._restored = None
+        if baseline and not self.history and trainer.is_global_zero:  # the curves start at 0 edits
+            self.history.append({"edits": 0, "epoch": -1} | {
+                f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
+            })
+            self._write_history(trainer)
+
+    def _restore(self, state: dict, pl_module) -> None:
         self.editor.load_state_dict(state["editor"])
         with torch.no_grad():
             for layer in self.layers:

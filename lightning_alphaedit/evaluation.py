@@ -56,7 +56,12 @@ class ConsistencyConfig:
     idf: str
     """IDF per column: ``.npy``, a ``.json`` list or a torch ``.pt`` tensor."""
     references: str
-    """JSON object case id -> reference text (or list of texts) about the request's new object."""
+    """Reference texts about each request's new object: a JSON object case id -> text(s), or
+    ROME's ``attribute_snippets.json`` (a list of relation_id, target_id, samples) with
+    ``counterfact`` set."""
+    counterfact: str | None = None
+    """The original CounterFact file of the stream (``multi_counterfact.json``): its
+    ``requested_rewrite`` relation and new-object ids find each case's snippets."""
 
 
 @dataclass
@@ -88,7 +93,7 @@ class EditEvaluation(torch.nn.Module):
         if self.config.consistency is not None:
             files = self.config.consistency
             self.consistency = TfidfSimilarity(TfidfVocabulary.load(files.vocabulary, files.idf))
-            self.references = _read_references(Path(files.references))
+            self.references = read_references(Path(files.references), files.counterfact)
 
     def _add(self, name: str, values: torch.Tensor) -> None:
         if values.numel():
@@ -201,19 +206,43 @@ def _per_owner(values: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
     return sums / counts
 
 
-def _read_references(path: Path) -> dict[str, str]:
-    """case id -> one reference text (lists are joined with spaces, as the reference does)."""
+def read_references(path: Path, counterfact: str | None = None) -> dict[str, str]:
+    """case id -> one reference text (a case's texts joined with spaces, as the reference does)."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object case id -> reference text(s)")
+    if isinstance(data, dict):
+        return {str(case_id): _joined(texts, path, f"case {case_id!r}") for case_id, texts in data.items()}
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON object (case id -> texts) or ROME's attribute snippets (a list)")
+    if counterfact is None:
+        raise ValueError(f"{path} holds attribute snippets: set consistency.counterfact to the CounterFact "
+                         "file whose relation and object ids select them")
+    snippets: dict[tuple[str, str], list[str]] = {}
+    for index, item in enumerate(data):
+        try:
+            key = (str(item["relation_id"]), str(item["target_id"]))
+            snippets.setdefault(key, []).extend(str(sample["text"]) for sample in item["samples"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: record {index}: field {error} missing (relation_id, target_id, samples[].text)") from None
     result = {}
-    for case_id, texts in data.items():
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"{path}: case {case_id!r}: field value must be a text or a list of texts")
-        result[str(case_id)] = " ".join(texts)
+    for index, record in enumerate(json.loads(Path(counterfact).read_text(encoding="utf-8"))):
+        try:
+            rewrite = record["requested_rewrite"]
+            key = (str(rewrite["relation_id"]), str(rewrite["target_new"]["id"]))
+            case_id = str(record["case_id"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{counterfact}: record {index}: field {error} missing "
+                             "(case_id, requested_rewrite.relation_id, requested_rewrite.target_new.id)") from None
+        if key in snippets:
+            result[case_id] = " ".join(snippets[key])
     return result
+
+
+def _joined(texts, path: Path, where: str) -> str:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{path}: {where}: value must be a text or a list of texts")
+    return " ".join(texts)
 
 
 def evaluate(

@@ -150,7 +150,10 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     columns = [f for f in TABLE_FIGURES if any(f in e or f in u for _, u, e in finals)]
 
     def cell(values: dict, name: str) -> str:
-        return f"{_scale(name) * values[name]:.{4 if name == 'drift/kl' else 1}f}" if name in values else ""
+        if name not in values:
+            return ""
+        decimals = 4 if name == "drift/kl" else 3 if name == "drift/hidden_shift" else 1
+        return f"{_scale(name) * values[name]:.{decimals}f}"
 
     rows = []
     for run, unedited, edited in finals:

@@ -62,6 +62,10 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert float(match[1]) == round(100 * results["unedited"]["efficacy"], 1)
     assert float(match[2]) == round(100 * results["edited"]["efficacy"], 1)
     assert {"fluency", "drift/kl", "drift/hidden_shift", "drift/output_change_layer2"} <= set(results["edited"])
+    phases = {"statistics", "projector", "drift_reference", "baseline", "values", "keys", "solve", "cache",
+              "validation", "test"}
+    assert phases <= set(results["timing_seconds"]) and all(v >= 0 for v in results["timing_seconds"].values())
+    assert results["memory"]["process_peak_rss_bytes"] > 100 * 2**20
     history = [json.loads(line) for line in (Path(update.results_path).parent / "metrics.jsonl").read_text().splitlines()]
     assert [h["edits"] for h in history] == [0, 8] and "drift/kl" in history[1]
     assert history[0]["val/efficacy"] == results["unedited"]["efficacy"]  # the curves start at the baseline

@@ -178,3 +178,23 @@ def test_the_evaluation_module_accumulates_over_batches(tiny):
     assert evaluation.compute() == pytest.approx(whole)
     evaluation.reset()
     assert evaluation.compute() == {}
+
+
+def test_references_from_rome_attribute_snippets(tmp_path):
+    from lightning_alphaedit.evaluation import read_references
+
+    fixture = Path(__file__).parent / "fixtures" / "multi_counterfact_sample.json"
+    snippets = [
+        {"relation_id": "P103", "target_id": "Q1860", "samples": [{"name": "a", "text": "English is spoken."},
+                                                                  {"name": "b", "text": "English again."}]},
+        {"relation_id": "P999", "target_id": "Q1", "samples": [{"name": "c", "text": "unrelated"}]},
+    ]
+    (tmp_path / "snips.json").write_text(json.dumps(snippets))
+    references = read_references(tmp_path / "snips.json", str(fixture))
+    assert references["0"] == "English is spoken. English again."  # case 0: P103 -> English (Q1860)
+    assert "unrelated" not in " ".join(references.values())
+    with pytest.raises(ValueError, match="set consistency.counterfact"):
+        read_references(tmp_path / "snips.json")
+    (tmp_path / "bad.json").write_text(json.dumps([{"relation_id": "P103", "samples": []}]))
+    with pytest.raises(ValueError, match=r"bad.json: record 0: field 'target_id' missing"):
+        read_references(tmp_path / "bad.json", str(fixture))

@@ -188,6 +188,12 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(alphaedit_run, t
     assert update2.edits_applied == 16 and data2.position == 16
     assert resumed.context_templates == uninterrupted.context_templates
     assert resumed.baseline["efficacy"] == -1.0
+    # the history goes on from the checkpoint's, and ends where the uninterrupted run's does
+    _, _, _, uninterrupted_update = alphaedit_run
+    assert [h["edits"] for h in update2.history] == [0, 8, 16]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == update2.history
+    for name, value in uninterrupted_update.history[-1].items():
+        assert update2.history[-1][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     reference = dict(uninterrupted.lm.named_parameters())
     for name, param in resumed.lm.named_parameters():
         torch.testing.assert_close(param, reference[name], rtol=0, atol=1e-6, msg=name)
