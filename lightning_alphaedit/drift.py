@@ -78,7 +78,7 @@ class DriftReference:
         self.hidden: list[torch.Tensor] = []  # per batch (n, d)
         self.top: list[torch.Tensor] = []  # per batch (n, k) token ids
         self.coarse: list[torch.Tensor] = []  # per batch (n, k + 1) log-probs
-        perplexity = Perplexity().to(self._device)
+        perplexity = Perplexity(ignore_index=-100).to(self._device)
         for batch, real in self._batches():
             with ExitStack() as stack:
                 captures = {l: stack.enter_context(capture_input(targets.projection(l))) for l in self.layers}
@@ -125,7 +125,7 @@ class DriftReference:
         output_change = {l: RelativeChange().to(device) for l in self.layers}
         hidden_shift = RelativeChange().to(device)
         kl = KLDivergence(log_prob=True).to(device)
-        perplexity = Perplexity().to(device)
+        perplexity = Perplexity(ignore_index=-100).to(device)
         for index, (batch, real) in enumerate(self._batches()):
             for layer in self.layers:
                 edited = self.keys[layer][index] @ targets.linear_weight(layer).float().T  # (n, d_out)

@@ -107,11 +107,12 @@ def generate(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 width = batch["input_ids"].shape[1]
                 length = {"max_new_tokens": max_new_tokens} if max_length is None else {"max_length": max_length}
-                sampled = model.generate(
-                    **batch, **length,
-                    do_sample=top_k is not None, top_k=top_k, top_p=None, temperature=None,
-                    pad_token_id=_pad_id(tokenizer),
-                )
+                # plain top-k sampling whatever the model's generation_config says (an instruct
+                # model's default temperature and top-p would change the protocol)
+                mode = {"do_sample": False} if top_k is None else {
+                    "do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0
+                }
+                sampled = model.generate(**batch, **length, **mode, pad_token_id=_pad_id(tokenizer))
                 outputs += tokenizer.batch_decode(sampled[:, 0 if include_prompt else width :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

@@ -80,12 +80,13 @@ def test_top_k_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it(
     assert 0 < coarse.measure()["kl"] <= full_kl * (1 + 1e-4)
 
 
-def test_perplexity_is_exp_of_the_mean_token_nll(setup):
+@pytest.mark.parametrize("max_length", [8, 64])  # 64: texts of different lengths, so padding
+def test_perplexity_is_exp_of_the_mean_token_nll(setup, max_length):
     model, tokenizer, targets, texts = setup
-    reference = DriftReference(targets, tokenizer, LAYERS, texts, DriftConfig(batch_size=4, max_length=16))
+    reference = DriftReference(targets, tokenizer, LAYERS, texts, DriftConfig(batch_size=4, max_length=max_length))
     nll, count = 0.0, 0
     for text in reference.texts:  # one text at a time, no padding: an independent path
-        ids = tokenizer(text, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
         nll -= float(logp[:-1].gather(1, ids[0, 1:, None]).sum())
         count += ids.shape[1] - 1
