@@ -28,6 +28,7 @@ from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.timing import peak_memory, timed
+from lightning_alphaedit.algebra import kept_dimension
 from lightning_alphaedit.update import METHODS, SequentialEditor
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,11 @@ class NullSpaceUpdate(pl.Callback):
             are optimised at the last of them.
         method: ``alphaedit`` (update confined to the null space of C0) or ``memit`` (the baseline).
         l2: λ of the AlphaEdit solve (``L2`` in the released configs).
-        nullspace_threshold: Eigenvalues of C0 below this span the null space (absolute, as the paper).
+        nullspace_threshold: The null-space rule's parameter: with ``absolute`` (the paper's), eigenvalues
+            of C0 below it span the null space.
+        nullspace_rule: How the null space is chosen from C0's eigenvalues: ``absolute`` (eigenvalue <
+            threshold), ``relative`` (< threshold x the largest), ``energy`` (the smallest ones holding at
+            most a threshold fraction of the total), ``fraction`` (that fraction of the dimension).
         mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
         statistics: How C0 is collected and cached.
         on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
@@ -68,6 +73,7 @@ class NullSpaceUpdate(pl.Callback):
         export_dir: str | None = None,
         baseline: bool = True,
         drift: DriftConfig = DriftConfig(),
+        nullspace_rule: str = "absolute",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -76,7 +82,9 @@ class NullSpaceUpdate(pl.Callback):
         if not layers or list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be a non-empty increasing list, got {layers}")
         self.layers, self.method = list(layers), method
+        kept_dimension(torch.ones(1), nullspace_rule, nullspace_threshold)  # a bad rule fails before loading
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
+        self.nullspace_rule = nullspace_rule
         self.statistics, self.on_rejected = statistics, on_rejected
         self.export, self.export_dir, self.baseline = export, export_dir, baseline
         self.drift = drift
@@ -117,6 +125,7 @@ class NullSpaceUpdate(pl.Callback):
             self.editor = SequentialEditor(
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
+                nullspace_rule=self.nullspace_rule,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts:
@@ -282,7 +291,7 @@ class NullSpaceUpdate(pl.Callback):
             directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module), self.applied_requests,
             summary={
                 "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
-                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
+                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold, "nullspace_rule": self.nullspace_rule,
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
                 "model": pl_module.lm_config.identity,
             },

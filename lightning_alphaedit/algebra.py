@@ -187,12 +187,14 @@ class NullSpace:
 
     basis       (d_in, r)  orthonormal columns, ordered by ascending eigenvalue
     eigenvalues (d_in,)    all eigenvalues of C0, ascending (the first r were kept)
-    threshold   the absolute cut-off used
+    threshold   the selection rule's parameter
+    rule        the selection rule (`NULL_SPACE_RULES`)
     """
 
     basis: torch.Tensor
     eigenvalues: torch.Tensor
     threshold: float
+    rule: str = "absolute"
 
     def __post_init__(self):
         _check_2d("basis", self.basis, "(d_in, r)")
@@ -220,43 +222,75 @@ class NullSpace:
             basis=self.basis.to(device=device, dtype=dtype),
             eigenvalues=self.eigenvalues.to(device=device, dtype=dtype),
             threshold=self.threshold,
+            rule=self.rule,
         )
 
 
-def null_space(second_moment: torch.Tensor, threshold: float = 2e-2) -> NullSpace:
-    """Eigen-decompose C0 and keep the eigenvectors with eigenvalue < threshold.
+NULL_SPACE_RULES = ("absolute", "relative", "energy", "fraction")
+"""How `null_space` picks the kept directions from C0's ascending eigenvalues λ_1 <= ... <= λ_d,
+with parameter t:
+
+- ``absolute``: λ_i < t (the reference; depends on the keys' scale);
+- ``relative``: λ_i < t · λ_d, a threshold relative to the largest eigenvalue;
+- ``energy``: the most smallest-eigenvalue directions whose eigenvalues sum to at most
+  t · Σ λ, a fraction of the keys' total variance (0 < t <= 1);
+- ``fraction``: the floor(t · d) smallest-eigenvalue directions (0 < t <= 1).
+"""
+
+
+def kept_dimension(eigenvalues: torch.Tensor, rule: str = "absolute", threshold: float = 2e-2) -> int:
+    """How many of the ascending ``eigenvalues`` (d,) the selection ``rule`` keeps."""
+    if rule not in NULL_SPACE_RULES:
+        raise ValueError(f"null-space rule must be one of {NULL_SPACE_RULES}, got {rule!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+    if rule in ("energy", "fraction") and threshold > 1:
+        raise ValueError(f"the {rule} rule takes a fraction in (0, 1], got {threshold!r}")
+    values = eigenvalues.double()
+    if rule == "absolute":
+        return int((values < threshold).sum())
+    if rule == "relative":
+        return int((values < threshold * values[-1]).sum())
+    if rule == "fraction":
+        return int(math.floor(threshold * len(values) + 1e-9))
+    energy = values.clamp(min=0).cumsum(0)  # round-off can make tiny eigenvalues negative
+    return int((energy <= threshold * energy[-1] * (1 + 1e-12)).sum())
+
+
+def null_space(second_moment: torch.Tensor, threshold: float = 2e-2, rule: str = "absolute") -> NullSpace:
+    """Eigen-decompose C0 and keep the eigenvectors the selection ``rule`` picks with parameter
+    ``threshold`` (see `NULL_SPACE_RULES`; the default is the reference: eigenvalue < 2e-2).
 
     The decomposition runs in float64 whatever the input dtype: a float32 eigh of a
     large, ill-conditioned C0 mixes the small-eigenvalue directions, which are exactly
-    the ones kept. C0 is symmetrised first so round-off asymmetry cannot matter. The
-    threshold is absolute, as in the reference code (so it depends on the keys' scale).
+    the ones kept. C0 is symmetrised first so round-off asymmetry cannot matter.
     basis and eigenvalues are returned in the input's dtype (float32 or float64; any
     other dtype gives float32), on the input's device.
     """
     _check_2d("second_moment", second_moment, "(d_in, d_in)")
     if second_moment.shape[0] != second_moment.shape[1]:
         raise ValueError(f"second_moment must be square (d_in, d_in), got shape {_shape(second_moment)}")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) or threshold <= 0:
-        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
     if not bool(torch.isfinite(second_moment).all()):
         raise ValueError("second_moment contains non-finite values (nan or inf)")
+    kept_dimension(torch.ones(1), rule, threshold)  # checks rule and threshold before the eigh
 
     out_dtype = second_moment.dtype if second_moment.dtype in (torch.float32, torch.float64) else torch.float32
     A = second_moment.detach().to(torch.float64)  # (d_in, d_in)
     A = (A + A.T) / 2
     eigenvalues, eigenvectors = torch.linalg.eigh(A)  # (d_in,) ascending, (d_in, d_in) columns
-    r = int((eigenvalues < threshold).sum())
+    r = kept_dimension(eigenvalues, rule, threshold)
     basis = eigenvectors[:, :r]  # (d_in, r): ascending order, so the kept ones come first
     return NullSpace(
         basis=basis.to(out_dtype).contiguous(),
         eigenvalues=eigenvalues.to(out_dtype),
         threshold=float(threshold),
+        rule=rule,
     )
 
 
-def null_space_projector(second_moment: torch.Tensor, threshold: float = 2e-2) -> torch.Tensor:
-    """P = U U^T (d_in, d_in) for U = null_space(second_moment, threshold).basis."""
-    return null_space(second_moment, threshold).projector()
+def null_space_projector(second_moment: torch.Tensor, threshold: float = 2e-2, rule: str = "absolute") -> torch.Tensor:
+    """P = U U^T (d_in, d_in) for U = null_space(second_moment, threshold, rule).basis."""
+    return null_space(second_moment, threshold, rule).projector()
 
 
 # -----------------------------------------------------------------------------

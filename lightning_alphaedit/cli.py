@@ -3,11 +3,13 @@
     lightning-alphaedit fit --config configs/tiny.yaml
     lightning-alphaedit fit --config configs/llama3-8b.yaml --data.limit 2000
     lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
+    lightning-alphaedit spectrum --config configs/demo.yaml
     lightning-alphaedit report RUN_DIR [RUN_DIR ...]
 
 ``trace`` reads the same config (the model, the edit stream) plus its own ``trace:``
 section, and runs causal tracing instead of training. ``report`` draws the figures of
-finished runs against the number of edits (see `lightning_alphaedit.report`).
+finished runs against the number of edits (see `lightning_alphaedit.report`); ``spectrum``
+shows the key statistics' eigenvalues and the null space each selection rule keeps.
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``.
@@ -28,8 +30,14 @@ from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.module import AlphaEditModule
 from lightning_alphaedit.report import main as report_main
+from lightning_alphaedit.spectrum import SpectrumConfig, parse_rule, spectrum_rows
+from lightning_alphaedit.spectrum import eigenvalues as spectrum_eigenvalues
+from lightning_alphaedit.spectrum import format_table as format_spectrum
+from lightning_alphaedit.spectrum import save as save_spectrum
+from lightning_alphaedit.statistics import layer_statistics
 from lightning_alphaedit.trace import (
     TraceConfig,
     TraceResult,
@@ -57,6 +65,7 @@ class AlphaEditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
+        parser.add_class_arguments(SpectrumConfig, "spectrum", fail_untyped=False)
 
     def after_fit(self) -> None:
         """The test stage on every edited request (the paper's protocol), then the table."""
@@ -109,11 +118,11 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     args = sys.argv[1:] if args is None else list(args)
     if args and args[0] == "report":
         return report_main(args[1:])
-    if args and args[0] == "trace":
+    if args and args[0] in ("trace", "spectrum"):
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
             cli = _cli(args[1:], run=False)
-        trace(cli)
+        (trace if args[0] == "trace" else spectrum)(cli)
         return cli
     return _cli(args)
 
@@ -146,6 +155,27 @@ def trace(cli: AlphaEditCLI) -> TraceResult:
           f"{recommended(result, config)}")
     print(f"heat map: {png_path}\nnumbers:  {json_path}")
     return result
+
+
+def spectrum(cli: AlphaEditCLI) -> list[dict]:
+    """The eigenvalue spectrum of the config's key statistics and the null space each rule keeps."""
+    config = cli.config_init["spectrum"]
+    module = cli.model
+    module.configure_model()
+    module.lm.to(cli.trainer.strategy.root_device)
+    update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+    corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
+    moments = layer_statistics(module.lm, module.tokenizer, module.targets, update.layers, update.statistics,
+                               module.lm_config.identity, corpus)
+    spectra = spectrum_eigenvalues(moments)
+    configured = (update.nullspace_rule, update.nullspace_threshold)
+    rules = [configured] + [r for r in map(parse_rule, config.rules) if r != configured]
+    rows = spectrum_rows(spectra, rules, config.quantiles)
+    folder = Path(config.output) if config.output else Path(cli.trainer.default_root_dir) / "spectrum"
+    files = save_spectrum(rows, spectra, configured, folder, module.lm_config.name_or_path or "tiny model")
+    print(format_spectrum(rows))
+    print(f"figure:  {files['png']}\nnumbers: {files['json']}")
+    return rows
 
 
 def main(args: list[str] | None = None) -> None:

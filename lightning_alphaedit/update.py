@@ -65,6 +65,7 @@ class SequentialEditor:
         l2: float = 10.0,
         nullspace_threshold: float = 2e-2,
         mom2_weight: float = 15000.0,
+        nullspace_rule: str = "absolute",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -78,7 +79,7 @@ class SequentialEditor:
         for layer in self.layers:
             c0 = statistics[layer].mean()  # (d_in, d_in)
             if method == "alphaedit":
-                space = algebra.null_space(c0.double(), nullspace_threshold)
+                space = algebra.null_space(c0.double(), nullspace_threshold, nullspace_rule)
                 self.null_spaces[layer] = space.to(dtype=torch.float32)
                 self.caches[layer] = torch.zeros(space.rank, space.rank, device=c0.device)
             else:
