@@ -162,7 +162,8 @@ class NullSpaceUpdate(pl.Callback):
         baseline = None
         if self.baseline:
             with timed(self.timing, "baseline", pl_module.device):
-                baseline = pl_module.measure_baseline(trainer.datamodule.requests)
+                stream = trainer.datamodule
+                baseline = pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
         # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
         # the statistics were taken from the unedited model, now the edits come back.
         if self._restored is not None:
@@ -291,7 +292,8 @@ class NullSpaceUpdate(pl.Callback):
             directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module), self.applied_requests,
             summary={
                 "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
-                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold, "nullspace_rule": self.nullspace_rule,
+                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
+                "nullspace_rule": self.nullspace_rule,
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
                 "model": pl_module.lm_config.identity,
             },

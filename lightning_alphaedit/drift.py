@@ -78,8 +78,9 @@ class DriftReference:
         self.hidden: list[torch.Tensor] = []  # per batch (n, d)
         self.top: list[torch.Tensor] = []  # per batch (n, k) token ids
         self.coarse: list[torch.Tensor] = []  # per batch (n, k + 1) log-probs
+        self.batches = list(self._tokenized())  # tokenized once, reused by every measure()
         perplexity = Perplexity(ignore_index=-100).to(self._device)
-        for batch, real in self._batches():
+        for batch, real in self.batches:
             with ExitStack() as stack:
                 captures = {l: stack.enter_context(capture_input(targets.projection(l))) for l in self.layers}
                 logits, hidden = _logits_and_hidden(targets.model, targets, batch)
@@ -99,7 +100,7 @@ class DriftReference:
     def _device(self) -> torch.device:
         return next(self.targets.model.parameters()).device
 
-    def _batches(self):
+    def _tokenized(self):
         size = self.config.batch_size
         for start in range(0, len(self.texts), size):
             batch = self.tokenizer(
@@ -126,7 +127,7 @@ class DriftReference:
         hidden_shift = RelativeChange().to(device)
         kl = KLDivergence(log_prob=True).to(device)
         perplexity = Perplexity(ignore_index=-100).to(device)
-        for index, (batch, real) in enumerate(self._batches()):
+        for index, (batch, real) in enumerate(self.batches):
             for layer in self.layers:
                 edited = self.keys[layer][index] @ targets.linear_weight(layer).float().T  # (n, d_out)
                 output_change[layer].update(edited, self.outputs[layer][index])

@@ -33,6 +33,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVocabulary
+from lightning_alphaedit.prompts import target_token_ids
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
@@ -153,7 +154,7 @@ class EditEvaluation(torch.nn.Module):
         device = next(model.parameters()).device
         # (owner, prompt, is the rewrite prompt) for every rewrite and paraphrase prompt
         prompts = [(i, p, j == 0) for i, r in enumerate(requests) for j, p in enumerate((r.text, *r.paraphrase_prompts))]
-        longest = max(len(tokenizer(" " + r.target_new.strip(), add_special_tokens=False)["input_ids"]) for r in requests)
+        longest = max(len(target_token_ids(tokenizer, r.target_new)) for r in requests)
         continuations = generate(model, tokenizer, [p for _, p, _ in prompts], max_new_tokens=longest + 1,
                                  batch_size=self.config.batch_size)
         hits = [float(starts_with_answer(c, requests[i].target_new)) for (i, _, _), c in zip(prompts, continuations)]

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import pytorch_lightning as pl
 import torch
+
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
 from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
@@ -112,14 +113,17 @@ class AlphaEditModule(pl.LightningModule):
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
             )
 
-    def measure_baseline(self, requests: Sequence[EditRequest]) -> dict[str, float]:
+    def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int) -> dict[str, float]:
         """The unedited model's scores (every test-stage figure) on every request of the stream,
-        measured once before the first edit (kept in checkpoints) and logged."""
+        measured once before the first edit (kept in checkpoints) and logged.
+
+        ``batch_size`` should be the test loader's: generation is seeded per batch, so the same
+        batches give the unedited and the edited model the same sampling noise.
+        """
         if self.baseline is None:
             evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
-            size = self.evaluation.batch_size
-            for start in range(0, len(requests), size):
-                chunk = requests[start : start + size]
+            for start in range(0, len(requests), batch_size):
+                chunk = requests[start : start + batch_size]
                 evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True)
             self.baseline = evaluation.compute()
             for logger in self.loggers:
