@@ -7,7 +7,8 @@ subject's last character), so it holds whatever the tokenizer merges across the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,16 @@ def encode_prompts(
 
 
 @torch.no_grad()
+@contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the block with every random generator it can touch seeded with ``seed``, and the
+    caller's generator states restored afterwards (a forked RNG: nothing global changes)."""
+    accelerators = [] if device.type == "cpu" else [device]  # the CPU generator is always forked
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate_context_templates(
     model,
     tokenizer,
@@ -93,9 +104,7 @@ def generate_context_templates(
     """
     device = next(model.parameters()).device
     templates = ["{}"]
-    accelerators = [] if device.type == "cpu" else [device]  # the CPU generator is always forked
-    with torch.random.fork_rng(devices=accelerators, device_type=device.type):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         for start in starts:
             encoded = tokenizer(start, return_tensors="pt").to(device)
             new_tokens = max(1, length - encoded["input_ids"].shape[1])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_alphaedit.prompts import target_token_ids
+from lightning_alphaedit.prompts import seeded, target_token_ids
 from lightning_alphaedit.readout import logits_at
 from lightning_alphaedit.targets import ModelTargets
 
@@ -100,8 +100,7 @@ def generate(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[str] = []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(device, seed):
             for start in range(0, len(prompts), batch_size):
                 batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
                 batch = {k: v.to(device) for k, v in batch.items()}

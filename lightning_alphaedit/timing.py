@@ -1,7 +1,7 @@
 """Where the time goes: wall-clock seconds per phase, added into a dict.
 
-On a GPU the work is asynchronous, so each phase synchronizes the device before reading the
-clock; otherwise a phase would be charged for the kernels of the one before it.
+On an accelerator the work is asynchronous, so each phase synchronizes the device before
+reading the clock; otherwise a phase would be charged for the kernels of the one before it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ import torch
 
 
 def _synchronize(device: torch.device | None) -> None:
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device is None or device.type == "cpu":
+        return
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: one API for every backend
+    if accelerator is not None and hasattr(accelerator, "synchronize"):
+        accelerator.synchronize(device)
+    else:
+        getattr(torch, device.type).synchronize()
 
 
 @contextmanager
@@ -33,9 +38,13 @@ def timed(totals: MutableMapping[str, float], phase: str, device: torch.device |
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak memory so far: the device's allocator peak on a GPU, and the process's peak RSS."""
+    """Peak memory so far: the process's peak RSS, and the accelerator allocator's peak."""
     kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = {"process_peak_rss_bytes": kilobytes * (1 if sys.platform == "darwin" else 1024)}
-    if device.type == "cuda":
-        peak["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    if device.type != "cpu":
+        backend = getattr(torch, "accelerator", None)
+        if not hasattr(backend, "max_memory_allocated"):
+            backend = getattr(torch, device.type, None)
+        if hasattr(backend, "max_memory_allocated"):
+            peak["device_peak_allocated_bytes"] = int(backend.max_memory_allocated(device))
     return peak
