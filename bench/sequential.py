@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_alphaedit.paths import write_text_atomic
+from lightning_alphaedit.report import report
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "bench" / "smollm2-counterfact30.yaml"
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
@@ -103,10 +106,9 @@ def main() -> None:
         *(row(method, r["edited"], r) for method, r in runs.items()),
     ]
     table = "\n".join(lines) + "\n"
-    (output / "summary.md").write_text(table)
-    (output / "summary.json").write_text(json.dumps(runs, indent=2))
+    write_text_atomic(output / "summary.md", table)
+    write_text_atomic(output / "summary.json", json.dumps(runs, indent=2))
     print("\n" + table)
-    from lightning_alphaedit.report import report
 
     report([r["folder"] for r in runs.values()], str(output / "report"), wandb_project=None)
 

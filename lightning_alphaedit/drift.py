@@ -113,11 +113,6 @@ class DriftReference:
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (b, t-1)
         return logits[:, :-1], labels
 
-    def state_size(self) -> int:
-        """Bytes held by the reference (keys dominate: positions x d_in per layer)."""
-        tensors = [t for l in self.layers for t in self.keys[l] + self.outputs[l]] + self.hidden + self.top + self.coarse
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
         """Drift of ``targets.model`` as it is now, from the reference: a flat dict of floats."""

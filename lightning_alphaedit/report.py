@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE
-from lightning_alphaedit.paths import write_text_atomic
-
-log = logging.getLogger(__name__)
+from lightning_alphaedit.paths import atomic_file, write_text_atomic
 
 TABLE_FIGURES = (
     "efficacy", "generalization", "specificity", "generation_efficacy", "generation_generalization",
@@ -132,7 +129,8 @@ def plot(runs: list[Run], output: Path) -> dict[str, Path]:
         axes.legend(fontsize="small")
         figure.tight_layout()
         path = output / (name.replace("/", "_") + ".png")
-        figure.savefig(path, dpi=120)
+        with atomic_file(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120)
         plt.close(figure)
         written[name] = path
     return written

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lightning_alphaedit.algebra import NULL_SPACE_RULES, KeyMoments, kept_dimension
-from lightning_alphaedit.paths import write_text_atomic
+from lightning_alphaedit.paths import atomic_file, write_text_atomic
 
 
 @dataclass
@@ -110,8 +110,8 @@ def plot(spectra: Mapping[int, torch.Tensor], threshold: tuple[str, float], path
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
     return path
 

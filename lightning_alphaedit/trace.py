@@ -205,13 +205,12 @@ def save_trace(result: TraceResult, config: TraceConfig, folder: Path, title: st
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from lightning_alphaedit.paths import atomic_file
+    from lightning_alphaedit.paths import atomic_file, write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     data = result.to_dict() | {"config": asdict(config), "recommended_layers": recommended(result, config)}
     json_path, png_path = folder / "trace.json", folder / "trace.png"
-    with atomic_file(json_path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
+    write_text_atomic(json_path, json.dumps(data, indent=1))
 
     effect = 100 * result.effect().numpy()  # (positions, layers)
     figure, axis = plt.subplots(figsize=(max(6, 0.3 * effect.shape[1] + 2), 2.4))
