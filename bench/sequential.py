@@ -33,21 +33,24 @@ DEFAULT_CONFIG = ROOT / "bench" / "smollm2-counterfact30.yaml"
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 COLUMNS = ("efficacy", "generalization", "specificity", "generation_efficacy", "fluency",
            "drift/kl", "drift/hidden_shift", "drift/perplexity")
-PHASES = ("values", "keys", "solve", "cache")
+PHASES = ("values", "keys", "solve", "cache", "finetune")
 
 
-def run_method(method: str, args, output: Path) -> dict:
-    folder = output / method
+def run_method(label: str, args, output: Path) -> dict:
+    """One CLI run; ``label`` is a method, or method+projection (``memit+null_space``)."""
+    method, _, projection = label.partition("+")
+    folder = output / label
     command = [
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(args.config),
         "--data.path", str(DATA), "--data.limit", str(args.n), "--data.batch_size", str(args.batch),
         "--data.edits_per_epoch", str(args.epoch or max(args.batch, args.n // 5)),
-        "--edit.method", method, "--trainer.enable_progress_bar", "false", *args.extra,
+        "--edit.method", method, *(["--edit.projection", projection] if projection else []),
+        "--trainer.enable_progress_bar", "false", *args.extra,
     ]
     # the configs put runs under $LIGHTNING_ALPHAEDIT_RUNS (their logger's folder follows it;
     # a --trainer.default_root_dir override would not move the logger's)
     environment = {**os.environ, "LIGHTNING_ALPHAEDIT_RUNS": str(folder)}
-    print(f"\n=== {method}: LIGHTNING_ALPHAEDIT_RUNS={folder} {shlex.join(command)}", flush=True)
+    print(f"\n=== {label}: LIGHTNING_ALPHAEDIT_RUNS={folder} {shlex.join(command)}", flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, env=environment)
     wall = time.perf_counter() - started
@@ -83,7 +86,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="edits in the stream (first N cases in file order)")
     parser.add_argument("--batch", type=int, default=10, help="requests per edit batch")
     parser.add_argument("--epoch", type=int, default=None, help="edits per edit epoch (validation after each); default N/5")
-    parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"])
+    parser.add_argument("--methods", nargs="+", default=["memit", "alphaedit"],
+                        help="methods to run, each alone or with a projection: ft memit prune+null_space ...")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--output", type=Path, default=Path.home() / "lightning-alphaedit" / "bench")
     parser.add_argument("extra", nargs="*", help="further CLI overrides after --, e.g. -- --edit.l2 1.0")

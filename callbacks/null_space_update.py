@@ -29,7 +29,8 @@ from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.timing import peak_memory, timed
 from lightning_alphaedit.algebra import kept_dimension
-from lightning_alphaedit.update import METHODS, SequentialEditor
+from lightning_alphaedit.finetune import FineTuneConfig, finetune
+from lightning_alphaedit.update import RECT_FRACTION, SequentialEditor, check_method, method_label
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,13 @@ class NullSpaceUpdate(pl.Callback):
     Args:
         layers: Edited layers, increasing (e.g. ``[4, 5, 6, 7, 8]`` for Llama-3-8B). Target values
             are optimised at the last of them.
-        method: ``alphaedit`` (update confined to the null space of C0) or ``memit`` (the baseline).
+        method: ``alphaedit`` (update confined to the null space of C0), ``memit`` (the baseline),
+            ``prune`` (MEMIT with the accumulated edit's singular values restrained), ``rect`` (MEMIT
+            keeping the update's entries of largest relative change) or ``ft`` (constrained fine-tuning).
+        projection: ``null_space`` confines the updates of memit, prune or rect to the null space of
+            C0 (the paper's "+AlphaEdit" variants); null = none.
+        rect_fraction: Fraction of the update's entries RECT keeps (0.2, the RECT paper's setting).
+        finetune: Hyperparameters of the ``ft`` method.
         l2: λ of the AlphaEdit solve (``L2`` in the released configs).
         nullspace_threshold: The null-space rule's parameter: with ``absolute`` (the paper's), eigenvalues
             of C0 below it span the null space.
@@ -74,9 +81,11 @@ class NullSpaceUpdate(pl.Callback):
         baseline: bool = True,
         drift: DriftConfig = DriftConfig(),
         nullspace_rule: str = "absolute",
+        projection: str | None = None,
+        rect_fraction: float = RECT_FRACTION,
+        finetune: FineTuneConfig = FineTuneConfig(),
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_method(method, projection, rect_fraction)
         if on_rejected not in REJECTION_POLICIES:
             raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
         if not layers or list(layers) != sorted(set(layers)):
@@ -85,6 +94,7 @@ class NullSpaceUpdate(pl.Callback):
         kept_dimension(torch.ones(1), nullspace_rule, nullspace_threshold)  # a bad rule fails before loading
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.nullspace_rule = nullspace_rule
+        self.projection, self.rect_fraction, self.finetune = projection, rect_fraction, finetune
         self.statistics, self.on_rejected = statistics, on_rejected
         self.export, self.export_dir, self.baseline = export, export_dir, baseline
         self.drift = drift
@@ -113,11 +123,11 @@ class NullSpaceUpdate(pl.Callback):
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
-        pl_module.prepare_editing(self.layers[-1])
+        pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft")
         device = pl_module.device
         with timed(self.timing, "statistics", device):  # loaded from the cache, or collected
             corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
-            moments = layer_statistics(
+            moments = {} if self.method == "ft" else layer_statistics(  # fine-tuning needs no C0
                 pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
                 pl_module.lm_config.identity, corpus,
             )
@@ -125,7 +135,7 @@ class NullSpaceUpdate(pl.Callback):
             self.editor = SequentialEditor(
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
-                nullspace_rule=self.nullspace_rule,
+                nullspace_rule=self.nullspace_rule, projection=self.projection, rect_fraction=self.rect_fraction,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts:
@@ -138,11 +148,16 @@ class NullSpaceUpdate(pl.Callback):
                 logger.experiment.define_metric("val/edits")
                 for prefix in ("val/*", "drift/*"):
                     logger.experiment.define_metric(prefix, step_metric="val/edits")
-        if self.method == "alphaedit":
+        if self.editor.null_spaces:
             ranks = {f"nullspace/rank_layer{l}": float(s.rank) for l, s in self.editor.null_spaces.items()}
             log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
             for logger in trainer.loggers:
                 logger.log_metrics(ranks, step=0)
+
+    @property
+    def label(self) -> str:
+        """The method as runs and tables name it (``memit+null_space``, ...)."""
+        return method_label(self.method, self.projection)
 
     def _held_out_texts(self, corpus: Corpus) -> list[str]:
         """Drift texts: the corpus documents after the statistics sample (never in C0)."""
@@ -194,11 +209,20 @@ class NullSpaceUpdate(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         requests, values = outputs["requests"], outputs["targets"]
-        outcome = self.editor.apply_batch(
-            values,
-            keys_at=lambda layer: pl_module.keys(requests, layer),
-            current_values=lambda: pl_module.current_values(requests),
-        )
+        if self.method == "ft":
+            lm, tokenizer, targets = pl_module.lm, pl_module.tokenizer, pl_module.targets
+            tuned = []
+            outcome = self.editor.apply_finetuning(
+                lambda: tuned.append(finetune(lm, tokenizer, targets, requests, self.layers, self.finetune))
+            )
+            if tuned:
+                pl_module.log("edit/finetune_loss", tuned[0].loss, batch_size=len(requests))
+        else:
+            outcome = self.editor.apply_batch(
+                values,
+                keys_at=lambda layer: pl_module.keys(requests, layer),
+                current_values=lambda: pl_module.current_values(requests),
+            )
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
             self.timing[phase] = self.timing.get(phase, 0.0) + seconds
@@ -218,9 +242,12 @@ class NullSpaceUpdate(pl.Callback):
         seconds = time.perf_counter() - self._batch_started
         pl_module.log("edit/batch_seconds", seconds, batch_size=len(requests))
         result = outputs["values"]
+        loss = (
+            f"value loss {float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps"
+            if result is not None else "fine-tuned"
+        )
         rank_zero_info(
-            f"edit batch of {len(requests)}: {'applied' if outcome.applied else 'REJECTED'}, value loss "
-            f"{float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, {seconds:.1f} s "
+            f"edit batch of {len(requests)}: {'applied' if outcome.applied else 'REJECTED'}, {loss}, {seconds:.1f} s "
             f"({', '.join(f'{k} {v:.1f}' for k, v in {**outputs['seconds'], **outcome.seconds}.items())}); "
             f"{self.edits_applied} of {len(trainer.datamodule.requests)} edits applied"
         )
@@ -273,7 +300,8 @@ class NullSpaceUpdate(pl.Callback):
         edited = dict(pl_module.test_results or {})
         edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
         results = {
-            "method": self.method, "layers": self.layers, "model": pl_module.lm_config.identity,
+            "method": self.method, "projection": self.projection, "label": self.label,
+            "layers": self.layers, "model": pl_module.lm_config.identity,
             "edits_applied": self.edits_applied, "batches_rejected": len(self.rejected),
             "requests_evaluated": trainer.datamodule.position,
             "unedited": pl_module.baseline, "edited": edited, "history": self.history,
@@ -293,7 +321,8 @@ class NullSpaceUpdate(pl.Callback):
             summary={
                 "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
                 "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
-                "nullspace_rule": self.nullspace_rule,
+                "nullspace_rule": self.nullspace_rule, "projection": self.projection,
+                "rect_fraction": self.rect_fraction, "finetune": asdict(self.finetune),
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
                 "model": pl_module.lm_config.identity,
             },

@@ -469,3 +469,67 @@ def memit_delta(
     A = (A + A.T) / 2
     delta_T = _symmetric_solve(A, K.T @ R)  # (d_in, d_out)
     return delta_T.T.contiguous()  # (d_out, d_in)
+
+
+# -----------------------------------------------------------------------------
+# the other methods of the paper's comparison: each a small transformation of an update
+
+
+def project_update(delta: torch.Tensor, null_space: NullSpace) -> torch.Tensor:
+    """delta P = (delta U) U^T (d_out, d_in): the "+AlphaEdit" plug-in of the paper's Figure 6,
+    an update of any method confined to the null space of the preserved keys, so that
+    (delta P) k0 = 0 for every k0 in the preserved span. Computed in the promoted dtype."""
+    _check_2d("delta", delta, "(d_out, d_in)")
+    if not isinstance(null_space, NullSpace):
+        raise TypeError(f"null_space must be a NullSpace, got {type(null_space).__name__}")
+    if delta.shape[1] != null_space.dim:
+        raise ValueError(f"delta must be (d_out, d_in) with d_in = {null_space.dim}, got shape {_shape(delta)}")
+    dtype = _compute_dtype(delta, null_space.basis)
+    U = null_space.basis.to(device=delta.device, dtype=dtype)  # (d_in, r)
+    return (delta.to(dtype) @ U) @ U.T  # (d_out, r) @ (r, d_in): never forms the d_in x d_in P
+
+
+def restrain_singular_values(accumulated: torch.Tensor, sigma: float) -> torch.Tensor:
+    """PRUNE (Ma et al., 2024): the accumulated edit ΔW = U diag(s) V^T with every singular value
+    s >= sigma (the largest singular value of the unedited W) replaced by log(s) + sigma - log(sigma),
+    so the edited matrix's condition number cannot grow without bound. The map is continuous and
+    increasing at s = sigma and keeps U and V, so the row space of ΔW (and with it a null-space
+    confinement) is kept. Computed in float64, returned in the input's dtype."""
+    _check_2d("accumulated", accumulated, "(d_out, d_in)")
+    if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0 (the unedited weight's largest singular value), got {sigma!r}")
+    A = accumulated.to(torch.float64)
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)  # (d_out, m), (m,), (m, d_in)
+    large = s >= sigma
+    if not bool(large.any()):
+        return accumulated.clone()
+    restrained = torch.where(large, torch.log(s.clamp(min=sigma)) + sigma - math.log(sigma), s)  # (m,)
+    return ((U * restrained) @ Vh).to(accumulated.dtype)  # (d_out, d_in)
+
+
+def keep_largest_relative_change(delta: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
+    """RECT (Gu et al., EMNLP 2024): keep the round(fraction * numel) entries of delta with the
+    largest relative change |delta_ij| / |W_ij| and set the others to zero. An entry whose
+    weight is 0 has an infinite relative change when delta_ij != 0 (kept first). Ties are broken
+    by position (stable), so the result is deterministic. weight (d_out, d_in) like delta."""
+    _check_2d("delta", delta, "(d_out, d_in)")
+    if weight.shape != delta.shape:
+        raise ValueError(f"weight must have delta's shape {_shape(delta)} (d_out, d_in), got {_shape(weight)}")
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    magnitude = delta.abs().double()
+    relative = magnitude / weight.to(device=delta.device).abs().double()  # inf where W = 0 and delta != 0
+    relative = torch.nan_to_num(relative, nan=0.0)  # 0 / 0: nothing changes there
+    keep = max(1, round(fraction * delta.numel()))
+    order = torch.sort(relative.flatten(), descending=True, stable=True).indices[:keep]
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask[order] = True
+    return delta * mask.view_as(delta)
+
+
+def clamp_to_ball(change: torch.Tensor, radius: float) -> torch.Tensor:
+    """The FT-L constraint (ROME's constrained fine-tuning baseline): every entry of a weight
+    change clamped to [-radius, radius], the L-infinity ball around the weights before the edit."""
+    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    return change.clamp(-radius, radius)

@@ -68,6 +68,7 @@ class AlphaEditModule(pl.LightningModule):
         self.targets: ModelTargets | None = None
         self.context_templates: list[str] | None = None
         self.edit_layer: int | None = None  # the last edited layer, set by the callback
+        self.optimize_values = True  # False for methods without target values (ft), set by the callback
         self.baseline: dict[str, float] | None = None  # the unedited model's scores on the stream
         self.val_metrics = EditEvaluation(evaluation, seed)
         self.test_metrics = EditEvaluation(evaluation, seed)
@@ -105,9 +106,10 @@ class AlphaEditModule(pl.LightningModule):
                 "add it to Trainer(callbacks=[...]) (the lightning-alphaedit CLI always adds it)"
             )
 
-    def prepare_editing(self, edit_layer: int) -> None:
-        """Called by the callback before any edit: fixes the optimised layer and the context prefixes."""
-        self.edit_layer = edit_layer
+    def prepare_editing(self, edit_layer: int, optimize_values: bool = True) -> None:
+        """Called by the callback before any edit: fixes the optimised layer and the context prefixes,
+        and whether the method needs target values at all (fine-tuning does not)."""
+        self.edit_layer, self.optimize_values = edit_layer, optimize_values
         if self.context_templates is None:
             self.context_templates = generate_context_templates(
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
@@ -145,6 +147,8 @@ class AlphaEditModule(pl.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         if self.edit_layer is None or self.context_templates is None:
             raise RuntimeError("training_step before NullSpaceUpdate prepared the module")
+        if not self.optimize_values:  # the callback's method edits the weights from the requests alone
+            return {"requests": batch, "targets": None, "values": None, "seconds": {}}
         seconds: dict[str, float] = {}
         with torch.enable_grad(), timed(seconds, "values", self.device):
             result: ValueResult = optimize_values(

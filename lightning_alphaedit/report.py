@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.paths import atomic_file, write_text_atomic
+from lightning_alphaedit.update import method_label
 
 TABLE_FIGURES = (
     "efficacy", "generalization", "specificity", "generation_efficacy", "generation_generalization",
@@ -73,7 +74,7 @@ def _read_run(folder: Path) -> Run:
     results = json.loads(results_file.read_text(encoding="utf-8")) if results_file.is_file() else None
     if results and not history:
         history = results.get("history", [])
-    label = (results or {}).get("method") or _method_from_config(folder) or folder.name
+    label = (results or {}).get("label") or (results or {}).get("method") or _method_from_config(folder) or folder.name
     return Run(folder=folder, label=label, history=history, results=results)
 
 
@@ -83,7 +84,8 @@ def _method_from_config(folder: Path) -> str | None:
         return None
     import yaml
 
-    return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("edit", {}).get("method")
+    edit = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("edit", {})
+    return method_label(edit["method"], edit.get("projection")) if edit.get("method") else None
 
 
 def history_figures(runs: list[Run]) -> list[str]:

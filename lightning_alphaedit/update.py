@@ -8,7 +8,8 @@ not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,42 @@ from lightning_alphaedit.algebra import KeyMoments, NullSpace
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.timing import timed
 
-METHODS = ("alphaedit", "memit")
+METHODS = ("alphaedit", "memit", "prune", "rect", "ft")
+"""The editing methods (ALGORITHM.md section 5 and the paper's Table 1):
+
+- ``alphaedit``: the update solved inside the null space of the preserved keys;
+- ``memit``: the least-squares update weighted by C0 (the baseline);
+- ``prune``: MEMIT whose accumulated edit of each layer has its singular values restrained
+  (`algebra.restrain_singular_values`);
+- ``rect``: MEMIT whose update keeps only the entries of largest relative change
+  (`algebra.keep_largest_relative_change`);
+- ``ft``: constrained fine-tuning of the edited layers (`lightning_alphaedit.finetune`).
+"""
+PROJECTIONS = (None, "null_space")
+"""``null_space`` confines the update of memit, prune or rect to the null space of the
+preserved keys (delta P, the paper's "+AlphaEdit" variants, Figure 6)."""
+CLOSED_FORM = ("memit", "prune", "rect")  # the methods built on MEMIT's solve
+RECT_FRACTION = 0.2  # RECT's setting: the top 20 % of entries by relative change
+
+
+def method_label(method: str, projection: str | None) -> str:
+    """How runs and tables name a configuration: ``memit``, ``memit+null_space``, ..."""
+    return method if projection is None else f"{method}+{projection}"
+
+
+def check_method(method: str, projection: str | None, rect_fraction: float = RECT_FRACTION) -> None:
+    """Refuses a method, projection or RECT fraction that cannot run, before anything is loaded."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if projection is not None and method not in CLOSED_FORM:
+        raise ValueError(
+            f"projection: {projection} applies to {CLOSED_FORM}; {method} "
+            + ("is already confined to the null space" if method == "alphaedit" else "has no closed-form update")
+        )
+    if not (isinstance(rect_fraction, (int, float)) and 0 < rect_fraction <= 1):
+        raise ValueError(f"rect_fraction must be in (0, 1], got {rect_fraction!r}")
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -53,7 +89,9 @@ class SequentialEditor:
     """Holds what the method needs per edited layer and applies edit batches in order.
 
     AlphaEdit keeps the null-space basis Û of C0 and the sequential cache in the subspace,
-    Ûᵀ C_p Û (r x r); MEMIT keeps C0 and the full cache C_p (d_in x d_in).
+    Ûᵀ C_p Û (r x r); the MEMIT family keeps C0 and the full cache C_p (d_in x d_in), plus Û
+    when its updates are projected; PRUNE also the unedited weights and their largest singular
+    value; FT nothing (``statistics`` may then be empty).
     """
 
     def __init__(
@@ -66,36 +104,87 @@ class SequentialEditor:
         nullspace_threshold: float = 2e-2,
         mom2_weight: float = 15000.0,
         nullspace_rule: str = "absolute",
+        projection: str | None = None,
+        rect_fraction: float = RECT_FRACTION,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_method(method, projection, rect_fraction)
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
         self.targets, self.layers, self.method = targets, list(layers), method
+        self.projection, self.rect_fraction = projection, rect_fraction
         self.l2, self.mom2_weight = l2, mom2_weight
         self.null_spaces: dict[int, NullSpace] = {}
         self.second_moments: dict[int, torch.Tensor] = {}
         self.caches: dict[int, torch.Tensor] = {}
+        self.unedited: dict[int, torch.Tensor] = {}  # PRUNE: W before any edit (d_out, d_in)
+        self.sigma: dict[int, float] = {}  # PRUNE: its largest singular value
         for layer in self.layers:
+            if method == "ft":
+                continue
             c0 = statistics[layer].mean()  # (d_in, d_in)
-            if method == "alphaedit":
+            if method == "alphaedit" or projection == "null_space":
                 space = algebra.null_space(c0.double(), nullspace_threshold, nullspace_rule)
                 self.null_spaces[layer] = space.to(dtype=torch.float32)
-                self.caches[layer] = torch.zeros(space.rank, space.rank, device=c0.device)
-            else:
-                self.second_moments[layer] = c0
-                self.caches[layer] = torch.zeros_like(c0, dtype=torch.float32)
+            if method == "alphaedit":
+                rank = self.null_spaces[layer].rank
+                self.caches[layer] = torch.zeros(rank, rank, device=c0.device)
+                continue
+            self.second_moments[layer] = c0
+            self.caches[layer] = torch.zeros_like(c0, dtype=torch.float32)
+            if method == "prune":
+                weight = targets.linear_weight(layer).detach().float()
+                self.unedited[layer] = weight.clone()
+                self.sigma[layer] = float(torch.linalg.matrix_norm(weight.double(), ord=2))
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.projection)
 
     def delta(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-        """The update of one layer: (d_out, d_in)."""
+        """The update of one layer before PRUNE's restraint: (d_out, d_in)."""
         if self.method == "alphaedit":
             return algebra.alphaedit_delta(
                 keys, residuals, self.null_spaces[layer], cache=self.caches[layer],
                 l2=self.l2, cache_in_subspace=True,
             )
-        return algebra.memit_delta(
+        delta = algebra.memit_delta(
             keys, residuals, self.second_moments[layer], cache=self.caches[layer], mom2_weight=self.mom2_weight
         )
+        if self.method == "rect":
+            weight = self.targets.linear_weight(layer).detach()  # (d_out, d_in), before this update
+            delta = algebra.keep_largest_relative_change(delta, weight, self.rect_fraction)
+        if self.projection == "null_space":
+            delta = algebra.project_update(delta, self.null_spaces[layer])
+        return delta
+
+    def _apply(self, layer: int, delta: torch.Tensor) -> torch.Tensor:
+        """W += delta, or for PRUNE W = W_unedited + restrain(accumulated + delta); returns the
+        change actually made (d_out, d_in)."""
+        if self.method != "prune":
+            self.targets.add_delta(layer, delta)
+            return delta
+        unedited = self.unedited[layer]
+        weight = self.targets.linear_weight(layer).detach()
+        accumulated = weight.to(unedited) - unedited  # (d_out, d_in): every edit of this layer so far
+        restrained = algebra.restrain_singular_values(accumulated + delta.to(unedited), self.sigma[layer])
+        if not torch.isfinite(restrained).all():
+            raise NonFiniteUpdate(f"layer {layer}: the restrained update is not finite")
+        change = restrained - accumulated
+        self.targets.set_linear_weight(layer, unedited + restrained)
+        return change
+
+    @contextmanager
+    def _transaction(self, outcome: BatchOutcome) -> Iterator[None]:
+        """Everything in the block is undone if it raises: a batch is applied whole or not at all."""
+        snapshot = WeightSnapshot(self.targets, self.layers)
+        try:
+            yield
+        except NonFiniteUpdate as error:
+            snapshot.restore()
+            outcome.reason = str(error)
+        except BaseException:
+            snapshot.restore()
+            raise
 
     def apply_batch(
         self,
@@ -108,35 +197,49 @@ class SequentialEditor:
         ``keys_at(layer)`` gives K1 (u, d_in) on the model as updated so far;
         ``current_values()`` the last edited block's outputs (u, d_out) likewise.
         """
-        snapshot = WeightSnapshot(self.targets, self.layers)
+        if self.method == "ft":
+            raise RuntimeError("the ft method has no closed-form update: use apply_finetuning")
         outcome = BatchOutcome(applied=False)
         device = target_values.device
-        try:
+        new_caches = None
+        with self._transaction(outcome):
             for i, layer in enumerate(self.layers):
                 with timed(outcome.seconds, "keys", device):
                     keys = keys_at(layer)  # (u, d_in)
                     residuals = (target_values - current_values()) / (len(self.layers) - i)  # (u, d_out)
                 with timed(outcome.seconds, "solve", device):
                     delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
-                if not torch.isfinite(delta).all():
-                    raise NonFiniteUpdate(f"layer {layer}: the update is not finite")
-                self.targets.add_delta(layer, delta)
-                outcome.delta_norms[layer] = float(delta.norm())
+                    if not torch.isfinite(delta).all():
+                        raise NonFiniteUpdate(f"layer {layer}: the update is not finite")
+                    change = self._apply(layer, delta)
+                outcome.delta_norms[layer] = float(change.norm())
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
             # the cache holds the keys of the edited model, as in the reference
             with timed(outcome.seconds, "cache", device):
                 new_caches = {layer: self._grown_cache(layer, keys_at(layer)) for layer in self.layers}
             if not all(torch.isfinite(c).all() for c in new_caches.values()):
                 raise NonFiniteUpdate("the sequential cache update is not finite")
-        except NonFiniteUpdate as error:
-            snapshot.restore()
-            outcome.reason = str(error)
-            return outcome
-        except BaseException:
-            snapshot.restore()
-            raise
-        self.caches.update(new_caches)
-        outcome.applied = True
+            self.caches.update(new_caches)
+            outcome.applied = True
+        return outcome
+
+    def apply_finetuning(self, run: Callable[[], object]) -> BatchOutcome:
+        """The ``ft`` method's batch: ``run()`` changes the edited weights in place (gradient
+        steps); the change is kept only if every weight stays finite."""
+        if self.method != "ft":
+            raise RuntimeError(f"apply_finetuning is the ft method's; this editor runs {self.method}")
+        outcome = BatchOutcome(applied=False)
+        device = self.targets.weight(self.layers[0]).device
+        with self._transaction(outcome):
+            before = {layer: self.targets.linear_weight(layer).detach().clone() for layer in self.layers}
+            with timed(outcome.seconds, "finetune", device):
+                run()
+            for layer in self.layers:
+                change = self.targets.linear_weight(layer).detach() - before[layer]
+                if not torch.isfinite(change).all():
+                    raise NonFiniteUpdate(f"layer {layer}: fine-tuning made the weights non-finite")
+                outcome.delta_norms[layer] = float(change.float().norm())
+            outcome.applied = True
         return outcome
 
     def _grown_cache(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
@@ -148,15 +251,19 @@ class SequentialEditor:
         return cache + keys.T @ keys  # (d_in, d_in)
 
     def state_dict(self) -> dict:
-        return {"method": self.method, "layers": list(self.layers), "caches": {str(k): v.cpu() for k, v in self.caches.items()}}
+        return {
+            "method": self.method, "projection": self.projection, "layers": list(self.layers),
+            "caches": {str(k): v.cpu() for k, v in self.caches.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["method"] != self.method or list(state["layers"]) != self.layers:
+        made_by = method_label(state["method"], state.get("projection"))
+        if made_by != self.label or list(state["layers"]) != self.layers:
             raise ValueError(
-                f"checkpoint was made by method={state['method']} layers={state['layers']}, "
-                f"this run is method={self.method} layers={self.layers}"
+                f"checkpoint was made by method={made_by} layers={state['layers']}, "
+                f"this run is method={self.label} layers={self.layers}"
             )
-        for layer in self.layers:
+        for layer in self.caches:
             stored = state["caches"][str(layer)]
             if stored.shape != self.caches[layer].shape:
                 raise ValueError(

@@ -26,7 +26,7 @@ LAYERS = [1, 2]
 
 
 def build(tmp_path: Path, method: str = "alphaedit", path: str = "tiny_edits.jsonl", architecture: str = "gpt2",
-          values: ValueOptimizationConfig | None = None, l2: float = 10.0, limit: int | None = 16):
+          values: ValueOptimizationConfig | None = None, l2: float = 10.0, limit: int | None = 16, **edit):
     module = AlphaEditModule(
         lm=ModelConfig(tiny=TinyModelConfig(architecture=architecture, tokenizer="words")),
         values=values or ValueOptimizationConfig(num_grad_steps=25, lr=1.0, clamp_norm_factor=10.0),
@@ -37,7 +37,7 @@ def build(tmp_path: Path, method: str = "alphaedit", path: str = "tiny_edits.jso
         layers=LAYERS, method=method, l2=l2, mom2_weight=100.0,
         statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
                                     cache_dir=str(tmp_path / "stats"), progress=False),
-        export_dir=str(tmp_path / f"export-{method}"),
+        export_dir=str(tmp_path / f"export-{method}"), **edit,
     )
     return module, data, update
 
