@@ -19,18 +19,28 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_alphaedit.algebra import kept_dimension
 from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.drift import DriftConfig, DriftReference
 from lightning_alphaedit.evaluation import TEACHER_FORCED
-from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE, export_edited_model, run_directory
+from lightning_alphaedit.export import (
+    HISTORY_FILE,
+    RESULTS_FILE,
+    export_edited_model,
+    run_directory,
+)
+from lightning_alphaedit.finetune import FineTuneConfig, finetune
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.timing import peak_memory, timed
-from lightning_alphaedit.algebra import kept_dimension
-from lightning_alphaedit.finetune import FineTuneConfig, finetune
-from lightning_alphaedit.update import RECT_FRACTION, SequentialEditor, check_method, method_label
+from lightning_alphaedit.update import (
+    RECT_FRACTION,
+    SequentialEditor,
+    check_method,
+    method_label,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_alphaedit.callbacks import NullSpaceUpdate
+from test_pipeline import build, trainer
 
 from lightning_alphaedit import algebra
 from lightning_alphaedit.algebra import NullSpace
-from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.drift import DriftConfig
 from lightning_alphaedit.finetune import FineTuneConfig, finetune, target_nll
@@ -24,8 +25,6 @@ from lightning_alphaedit.statistics import collect_key_moments
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
 from lightning_alphaedit.update import SequentialEditor, check_method
-
-from test_pipeline import build, trainer
 
 TINY_EDITS = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
 
@@ -155,7 +154,7 @@ def restore(tiny, before):
 
 
 def test_rect_batch_keeps_a_fifth_of_the_explicit_memit_update(tiny):
-    editor, keys, residuals, before = one_batch(tiny, [2], method="rect")
+    _, keys, residuals, before = one_batch(tiny, [2], method="rect")
     try:
         change = (tiny[2].linear_weight(2).detach() - before[2]).double()
         expected = algebra.keep_largest_relative_change(
@@ -197,13 +196,13 @@ def test_prune_batch_restrains_the_explicit_memit_update(tiny):
 
 @pytest.mark.parametrize("method", ["memit", "prune", "rect"])
 def test_projected_methods_leave_preserved_keys_alone(tiny, method):
-    model, tok, targets, moments, requests = tiny
+    targets, moments = tiny[2], tiny[3]
     editor, _, _, before = one_batch(
         tiny, [1, 2], method=method, projection="null_space", nullspace_rule="fraction", nullspace_threshold=0.5
     )
     try:
         for layer in (1, 2):
-            values, vectors = torch.linalg.eigh(moments[layer].mean().double())
+            _, vectors = torch.linalg.eigh(moments[layer].mean().double())  # ascending eigenvalues
             preserved = vectors[:, editor.null_spaces[layer].rank :]  # (d_in, d_in - r): C0's large directions
             change = (targets.linear_weight(layer).detach() - before[layer]).double()  # (d_out, d_in)
             assert float(change.norm()) > 0, f"{method}: layer {layer} was not edited"
