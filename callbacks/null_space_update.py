@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_alphaedit.algebra import kept_dimension
+from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.drift import DriftConfig, DriftReference
@@ -34,6 +37,7 @@ from lightning_alphaedit.finetune import FineTuneConfig, finetune
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
+from lightning_alphaedit.strategy import EditingDDPStrategy
 from lightning_alphaedit.timing import peak_memory, timed
 from lightning_alphaedit.update import (
     RECT_FRACTION,
@@ -75,6 +79,9 @@ class NullSpaceUpdate(pl.Callback):
             every reported score has its baseline beside it.
         drift: Held-out text on which the drift from the unedited model is measured after every
             edit epoch and after the stream (``texts: 0`` turns it off).
+        checkpoint: Write ``<run directory>/checkpoints/last.ckpt`` after every edit epoch, atomically,
+            to resume a crashed run with ``--ckpt_path``. (Lightning's ModelCheckpoint counts optimizer
+            steps, and an edit step takes none, so it would not save between epochs.)
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class NullSpaceUpdate(pl.Callback):
         projection: str | None = None,
         rect_fraction: float = RECT_FRACTION,
         finetune: FineTuneConfig = FineTuneConfig(),
+        checkpoint: bool = True,
     ) -> None:
         check_method(method, projection, rect_fraction)
         if on_rejected not in REJECTION_POLICIES:
@@ -105,6 +113,8 @@ class NullSpaceUpdate(pl.Callback):
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.nullspace_rule = nullspace_rule
         self.projection, self.rect_fraction, self.finetune = projection, rect_fraction, finetune
+        self.checkpoint = checkpoint
+        self.checkpoint_path = None
         self.statistics, self.on_rejected = statistics, on_rejected
         self.export, self.export_dir, self.baseline = export, export_dir, baseline
         self.drift = drift
@@ -115,6 +125,7 @@ class NullSpaceUpdate(pl.Callback):
         self.timing: dict[str, float] = {}  # seconds per phase, summed over the run
         self._stage_started = 0.0
         self.editor: SequentialEditor | None = None
+        self.collective = Collective()  # the ranks of a multi-process run, set at fit start
         self.edits_applied = 0
         self.applied_requests: list = []
         self.rejected: list[dict] = []
@@ -125,6 +136,20 @@ class NullSpaceUpdate(pl.Callback):
 
     # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
 
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        # before the strategy wraps the model: refuse set-ups that would fail later or edit wrongly
+        if isinstance(trainer.strategy, DDPStrategy) and not isinstance(trainer.strategy, EditingDDPStrategy):
+            raise ValueError(
+                f"trainer.strategy {type(trainer.strategy).__name__} wraps the frozen model in DistributedDataParallel, "
+                "which refuses a model without trainable parameters: use "
+                "{class_path: lightning_alphaedit.strategy.EditingDDPStrategy} (see configs/cluster/ddp.yaml)"
+            )
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "every rank must see the whole edit batch: set trainer.use_distributed_sampler: false "
+                "(the edit stream shards its evaluation batches itself)"
+            )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         if not isinstance(trainer.datamodule, EditStreamDataModule):
             raise RuntimeError("NullSpaceUpdate needs an EditStreamDataModule passed to trainer.fit(datamodule=...)")
@@ -133,19 +158,21 @@ class NullSpaceUpdate(pl.Callback):
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
-        pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft")
+        self.collective = Collective()
+        pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft", collective=self.collective)
         device = pl_module.device
         with timed(self.timing, "statistics", device):  # loaded from the cache, or collected
             corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
             moments = {} if self.method == "ft" else layer_statistics(  # fine-tuning needs no C0
                 pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
-                pl_module.lm_config.identity, corpus,
+                pl_module.lm_config.identity, corpus, self.collective,
             )
         with timed(self.timing, "projector", device):
             self.editor = SequentialEditor(
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
                 nullspace_rule=self.nullspace_rule, projection=self.projection, rect_fraction=self.rect_fraction,
+                collective=self.collective,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts:
@@ -218,7 +245,8 @@ class NullSpaceUpdate(pl.Callback):
         self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        requests, values = outputs["requests"], outputs["targets"]
+        # the batch's rows on every rank: each rank computed its share
+        requests, share, gather = outputs["requests"], outputs["share"], self.collective.gather_rows
         if self.method == "ft":
             lm, tokenizer, targets = pl_module.lm, pl_module.tokenizer, pl_module.targets
             tuned = []
@@ -229,9 +257,9 @@ class NullSpaceUpdate(pl.Callback):
                 pl_module.log("edit/finetune_loss", tuned[0].loss, batch_size=len(requests))
         else:
             outcome = self.editor.apply_batch(
-                values,
-                keys_at=lambda layer: pl_module.keys(requests, layer),
-                current_values=lambda: pl_module.current_values(requests),
+                gather(outputs["targets"]),
+                keys_at=lambda layer: gather(pl_module.keys(share, layer)),
+                current_values=lambda: gather(pl_module.current_values(share)),
             )
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
@@ -265,13 +293,25 @@ class NullSpaceUpdate(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.datamodule.exhausted:
             trainer.should_stop = True
+        if self.checkpoint and self.editor is not None:
+            self._save_checkpoint(trainer)
+
+    def _save_checkpoint(self, trainer: pl.Trainer) -> None:
+        """``last.ckpt`` replaced atomically: a crash while writing leaves the previous one."""
+        directory = run_directory(trainer) / "checkpoints"
+        partial = directory / ".last.ckpt.partial"
+        trainer.save_checkpoint(partial)  # every rank takes part, rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(partial, directory / "last.ckpt")
+            self.checkpoint_path = directory / "last.ckpt"
+        trainer.strategy.barrier()
 
     # --- validation and test: drift, the history, the results file ---------------------------------
 
     def _log_drift(self, pl_module, prefix: str) -> dict[str, float]:
         drift = self.drift_reference.measure() if self.drift_reference is not None else {}
         for name, value in drift.items():
-            pl_module.log(f"{prefix}{name}", value)
+            pl_module.log(f"{prefix}{name}", value, sync_dist=True)  # the same on every rank
         return drift
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
@@ -283,7 +323,7 @@ class NullSpaceUpdate(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        pl_module.log("val/edits", float(self.edits_applied))
+        pl_module.log("val/edits", float(self.edits_applied), sync_dist=True)
         self._log_drift(pl_module, "drift/")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:

@@ -102,9 +102,11 @@ class EditStreamDataModule(pl.LightningDataModule):
         self.position += count
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        start, end = epoch * self.chunk_size, min((epoch + 1) * self.chunk_size, len(self.requests))
-        start = max(start, self.position)  # a resumed epoch skips what was applied
+        # The chunk holding the next request to apply, from the stream position rather than the
+        # epoch counter: a run resumed from a checkpoint written at an epoch's end (or in its
+        # middle) goes on with exactly the requests not yet applied.
+        start = self.position
+        end = min((start // self.chunk_size + 1) * self.chunk_size, len(self.requests))
         return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_list)
 
     def val_dataloader(self) -> DataLoader:
@@ -116,11 +118,20 @@ class EditStreamDataModule(pl.LightningDataModule):
         """
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         end = max(self.position, min((epoch + 1) * self.chunk_size, len(self.requests)))
-        return DataLoader(self.requests[:end], batch_size=self.eval_batch_size, collate_fn=_as_list)
+        return self._evaluation_loader(self.requests[:end])
 
     def test_dataloader(self) -> DataLoader:
         """Every request of the stream processed so far (after fit: the whole edited stream)."""
-        return DataLoader(self.requests[: self.position], batch_size=self.eval_batch_size, collate_fn=_as_list)
+        return self._evaluation_loader(self.requests[: self.position])
+
+    def _evaluation_loader(self, requests: list[EditRequest]) -> DataLoader:
+        """Batches of ``eval_batch_size``; under several processes rank r takes batches r, r + w, ...
+        Whole batches, not samples, are dealt out, so each batch (and the seeded generation in it)
+        is the one a single process sees, and no request is repeated to even out the ranks (the
+        metrics sum over the ranks)."""
+        batches = [requests[i : i + self.eval_batch_size] for i in range(0, len(requests), self.eval_batch_size)]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(batches[rank::world], batch_size=None, collate_fn=_as_list)
 
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]

@@ -35,6 +35,7 @@ from torchmetrics import MeanMetric
 from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVocabulary
 from lightning_alphaedit.prompts import target_token_ids
 from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
 
@@ -180,13 +181,19 @@ class EditEvaluation(torch.nn.Module):
                 self.consistency.update([g for g, _ in pairs], [r for _, r in pairs])
 
     def compute(self) -> dict[str, float]:
-        """Every figure that has seen data, as floats (rates in [0, 1], fluency and consistency x 100)."""
-        result = {name: float(m.compute()) for name, m in self.rates.items() if m.update_count}
-        if self.fluency.update_count:
-            result["fluency"] = float(self.fluency.compute())
-        if self.consistency is not None and self.consistency.update_count and float(self.consistency.count):
-            result["consistency"] = float(self.consistency.compute())
-        return result
+        """Every figure that has seen data, as floats (rates in [0, 1], fluency and consistency x 100).
+
+        Under several processes the metrics sum their states over the ranks (torchmetrics'
+        synchronisation); a figure is computed on every rank when any rank has data for it, so
+        all ranks take part in the same synchronisations in the same order."""
+        metrics = {**self.rates, "fluency": self.fluency}
+        seen = [bool(m.update_count) for m in metrics.values()]
+        if self.consistency is not None:
+            metrics["consistency"] = self.consistency
+            seen.append(bool(self.consistency.update_count) and float(self.consistency.count) > 0)
+        device = self.fluency.total.device
+        seen = Collective().any(torch.tensor(seen, device=device)).tolist()
+        return {name: float(metric.compute()) for (name, metric), flag in zip(metrics.items(), seen) if flag}
 
     def reset(self) -> None:
         for metric in [*self.rates.values(), self.fluency] + ([self.consistency] if self.consistency else []):

@@ -15,6 +15,7 @@ from functools import cached_property
 import pytorch_lightning as pl
 import torch
 
+from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
 from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
@@ -69,6 +70,7 @@ class AlphaEditModule(pl.LightningModule):
         self.context_templates: list[str] | None = None
         self.edit_layer: int | None = None  # the last edited layer, set by the callback
         self.optimize_values = True  # False for methods without target values (ft), set by the callback
+        self.collective = Collective()  # the ranks sharing each edit batch, set by the callback
         self.baseline: dict[str, float] | None = None  # the unedited model's scores on the stream
         self.val_metrics = EditEvaluation(evaluation, seed)
         self.test_metrics = EditEvaluation(evaluation, seed)
@@ -106,10 +108,12 @@ class AlphaEditModule(pl.LightningModule):
                 "add it to Trainer(callbacks=[...]) (the lightning-alphaedit CLI always adds it)"
             )
 
-    def prepare_editing(self, edit_layer: int, optimize_values: bool = True) -> None:
+    def prepare_editing(self, edit_layer: int, optimize_values: bool = True, collective: Collective | None = None) -> None:
         """Called by the callback before any edit: fixes the optimised layer and the context prefixes,
-        and whether the method needs target values at all (fine-tuning does not)."""
+        whether the method needs target values at all (fine-tuning does not), and the ranks that
+        share each batch."""
         self.edit_layer, self.optimize_values = edit_layer, optimize_values
+        self.collective = collective or Collective()
         if self.context_templates is None:
             self.context_templates = generate_context_templates(
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
@@ -124,8 +128,8 @@ class AlphaEditModule(pl.LightningModule):
         """
         if self.baseline is None:
             evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
-            for start in range(0, len(requests), batch_size):
-                chunk = requests[start : start + batch_size]
+            chunks = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
+            for chunk in chunks[self.collective.rank :: self.collective.world_size]:  # the test loader's shards
                 evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True)
             self.baseline = evaluation.compute()
             for logger in self.loggers:
@@ -136,10 +140,14 @@ class AlphaEditModule(pl.LightningModule):
 
     def keys(self, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
         """K1 of ``requests`` at ``layer`` on the current model: (u, d_in)."""
+        if not requests:  # an empty share of a batch smaller than the world
+            return torch.zeros(0, self.targets.key_size(layer), device=self.device)
         return request_keys(self.lm, self.tokenizer, self.targets, requests, layer, self.context_templates)
 
     def current_values(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Outputs of the last edited block at the subjects on the current model: (u, d_out)."""
+        if not requests:
+            return torch.zeros(0, self.targets.value_size(self.edit_layer), device=self.device)
         return block_outputs(self.lm, self.tokenizer, self.targets, requests, self.edit_layer)
 
     # --- the loop ------------------------------------------------------------------------------
@@ -147,25 +155,28 @@ class AlphaEditModule(pl.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
         if self.edit_layer is None or self.context_templates is None:
             raise RuntimeError("training_step before NullSpaceUpdate prepared the module")
-        if not self.optimize_values:  # the callback's method edits the weights from the requests alone
-            return {"requests": batch, "targets": None, "values": None, "seconds": {}}
+        # every rank receives the whole batch and optimises its own share of it
+        share = batch[self.collective.share(len(batch))]
+        if not self.optimize_values or not share:  # ft edits from the requests alone; or an empty share
+            empty = torch.zeros(0, self.targets.value_size(self.edit_layer), device=self.device)
+            return {"requests": batch, "share": share, "targets": empty, "values": None, "seconds": {}}
         seconds: dict[str, float] = {}
         with torch.enable_grad(), timed(seconds, "values", self.device):
             result: ValueResult = optimize_values(
-                self.lm, self.tokenizer, self.targets, batch, self.edit_layer, self.context_templates, self.values
+                self.lm, self.tokenizer, self.targets, share, self.edit_layer, self.context_templates, self.values
             )
-        size = len(batch)
+        size = len(share)
         self.log("edit/value_loss", result.loss.mean(), batch_size=size, prog_bar=True)
         self.log("edit/value_nll", result.nll.mean(), batch_size=size)
         self.log("edit/value_steps", result.steps.float().mean(), batch_size=size)
-        return {"requests": batch, "targets": result.targets, "values": result, "seconds": seconds}
+        return {"requests": batch, "share": share, "targets": result.targets, "values": result, "seconds": seconds}
 
     def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
         self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch)
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.val_metrics.compute().items():
-            self.log(f"val/{name}", value)
+            self.log(f"val/{name}", value, sync_dist=True)  # already reduced: the same on every rank
         self.val_metrics.reset()
 
     def test_step(self, batch: list[EditRequest], batch_idx: int) -> None:
@@ -174,7 +185,7 @@ class AlphaEditModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self.test_metrics.compute()
         for name, value in self.test_results.items():
-            self.log(f"test/{name}", value)
+            self.log(f"test/{name}", value, sync_dist=True)
         self.test_metrics.reset()
 
     # --- checkpoints: only what this module owns ---------------------------------------------

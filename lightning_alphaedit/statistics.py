@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lightning_alphaedit.algebra import KeyMoments
 from lightning_alphaedit.corpus import Corpus
+from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.hooks import capture_input, stop_after
 from lightning_alphaedit.paths import atomic_file, cache_root
 from lightning_alphaedit.targets import ModelTargets
@@ -179,8 +180,16 @@ def layer_statistics(
     config: StatisticsConfig,
     model_id: str,
     corpus: Corpus,
+    collective: Collective | None = None,
 ) -> dict[int, KeyMoments]:
-    """C0 statistics of ``layers``: cached ones loaded, missing ones collected in one pass."""
+    """C0 statistics of ``layers``: cached ones loaded, missing ones collected in one pass.
+
+    Under several processes (``collective``) each rank collects its contiguous slice of the
+    documents, the sums and token counts are all-reduced, and rank 0 writes the cache while the
+    others wait; every rank returns the same reduced moments. A layer is collected when any
+    rank misses it, so the ranks never disagree on what to compute.
+    """
+    collective = collective or Collective()
     device = next(model.parameters()).device
     max_length = config.max_length or _context_length(model, tokenizer)
     fingerprint = model_fingerprint(model, targets, max(layers))
@@ -201,16 +210,24 @@ def layer_statistics(
 
     cache = StatisticsCache(cache_root(config.cache_dir) / "statistics")
     found = {layer: cache.load(key(layer), device) for layer in layers}
-    missing = [layer for layer, m in found.items() if m is None]
+    absent = collective.any(torch.tensor([found[layer] is None for layer in layers], device=device))
+    missing = [layer for layer, flag in zip(layers, absent.tolist()) if flag]
     if missing:
-        log.info("collecting key statistics for layers %s over %d documents", missing, len(texts))
+        share = collective.share(len(texts))
+        log.info("collecting key statistics for layers %s over documents %d-%d of %d",
+                 missing, share.start, share.stop, len(texts))
         fresh = collect_key_moments(
-            model, tokenizer, targets, missing, texts, max_length,
+            model, tokenizer, targets, missing, texts[share], max_length,
             batch_size=config.batch_size, dtype=_DTYPES[config.dtype], progress=config.progress,
         )
         for layer, moments in fresh.items():
-            cache.save(key(layer), moments)
+            collective.sum_(moments.sum)
+            count = collective.sum_(torch.tensor([moments.count], dtype=torch.long, device=device))
+            moments.count = int(count[0])
+            if collective.is_zero:
+                cache.save(key(layer), moments)
             found[layer] = moments
+        collective.barrier()  # the cache is complete before any rank goes on
     return found
 
 

@@ -16,6 +16,7 @@ import torch
 
 from lightning_alphaedit import algebra
 from lightning_alphaedit.algebra import KeyMoments, NullSpace
+from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.timing import timed
 
@@ -88,6 +89,10 @@ class WeightSnapshot:
 class SequentialEditor:
     """Holds what the method needs per edited layer and applies edit batches in order.
 
+    Under several processes (``collective``), rank 0 computes and applies each layer's update
+    and every rank receives the result (see `lightning_alphaedit.distributed`); the caller's
+    ``keys_at`` and ``current_values`` must then return the rows of the whole batch on every rank.
+
     AlphaEdit keeps the null-space basis Û of C0 and the sequential cache in the subspace,
     Ûᵀ C_p Û (r x r); the MEMIT family keeps C0 and the full cache C_p (d_in x d_in), plus Û
     when its updates are projected; PRUNE also the unedited weights and their largest singular
@@ -106,8 +111,10 @@ class SequentialEditor:
         nullspace_rule: str = "absolute",
         projection: str | None = None,
         rect_fraction: float = RECT_FRACTION,
+        collective: Collective | None = None,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        self.collective = collective or Collective()
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
         self.targets, self.layers, self.method = targets, list(layers), method
@@ -156,6 +163,17 @@ class SequentialEditor:
         if self.projection == "null_space":
             delta = algebra.project_update(delta, self.null_spaces[layer])
         return delta
+
+    def _solve_and_apply(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[str | None, float]:
+        """One layer's update, applied: (why it was refused or None, the norm of the change)."""
+        delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
+        if not torch.isfinite(delta).all():
+            return f"layer {layer}: the update is not finite", 0.0
+        try:
+            change = self._apply(layer, delta)
+        except NonFiniteUpdate as error:
+            return str(error), 0.0
+        return None, float(change.norm())
 
     def _apply(self, layer: int, delta: torch.Tensor) -> torch.Tensor:
         """W += delta, or for PRUNE W = W_unedited + restrain(accumulated + delta); returns the
@@ -208,11 +226,13 @@ class SequentialEditor:
                     keys = keys_at(layer)  # (u, d_in)
                     residuals = (target_values - current_values()) / (len(self.layers) - i)  # (u, d_out)
                 with timed(outcome.seconds, "solve", device):
-                    delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
-                    if not torch.isfinite(delta).all():
-                        raise NonFiniteUpdate(f"layer {layer}: the update is not finite")
-                    change = self._apply(layer, delta)
-                outcome.delta_norms[layer] = float(change.norm())
+                    reason, norm = self.collective.from_zero(
+                        self._solve_and_apply(layer, keys, residuals) if self.collective.is_zero else None
+                    )
+                    if reason is not None:  # refused on rank 0: every rank rolls back
+                        raise NonFiniteUpdate(reason)
+                    self.collective.broadcast_(self.targets.weight(layer))
+                outcome.delta_norms[layer] = norm
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
             # the cache holds the keys of the edited model, as in the reference
             with timed(outcome.seconds, "cache", device):
@@ -231,16 +251,26 @@ class SequentialEditor:
         outcome = BatchOutcome(applied=False)
         device = self.targets.weight(self.layers[0]).device
         with self._transaction(outcome):
-            before = {layer: self.targets.linear_weight(layer).detach().clone() for layer in self.layers}
             with timed(outcome.seconds, "finetune", device):
-                run()
-            for layer in self.layers:
-                change = self.targets.linear_weight(layer).detach() - before[layer]
-                if not torch.isfinite(change).all():
-                    raise NonFiniteUpdate(f"layer {layer}: fine-tuning made the weights non-finite")
-                outcome.delta_norms[layer] = float(change.float().norm())
+                reason, norms = self.collective.run_on_zero(lambda: self._finetune(run))
+            if reason is not None:
+                raise NonFiniteUpdate(reason)
+            for layer in self.layers:  # rank 0 fine-tuned: every rank takes its weights
+                self.collective.broadcast_(self.targets.weight(layer))
+            outcome.delta_norms.update(norms)
             outcome.applied = True
         return outcome
+
+    def _finetune(self, run: Callable[[], object]) -> tuple[str | None, dict[int, float]]:
+        before = {layer: self.targets.linear_weight(layer).detach().clone() for layer in self.layers}
+        run()
+        norms = {}
+        for layer in self.layers:
+            change = self.targets.linear_weight(layer).detach() - before[layer]
+            if not torch.isfinite(change).all():
+                return f"layer {layer}: fine-tuning made the weights non-finite", {}
+            norms[layer] = float(change.float().norm())
+        return None, norms
 
     def _grown_cache(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         cache = self.caches[layer]

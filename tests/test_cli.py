@@ -108,3 +108,29 @@ def test_report_draws_two_runs_on_shared_figures(tmp_path, capsys):
 def test_report_names_a_folder_without_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl or results.json"):
         run(["report", str(tmp_path), "--no-wandb"])
+
+
+def test_cluster_overlay_loads_on_a_model_config():
+    from lightning_alphaedit.strategy import EditingDDPStrategy
+
+    cli = AlphaEditCLI(
+        AlphaEditModule, EditStreamDataModule, run=False, parser_kwargs={"parser_mode": "omegaconf"},
+        args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(ROOT / "configs" / "cluster" / "ddp.yaml"),
+              "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.strategy.init_args.process_group_backend", "gloo"],
+    )
+    assert isinstance(cli.trainer.strategy, EditingDDPStrategy)
+    assert cli.trainer.num_devices == 2 and cli.trainer.strategy.process_group_backend == "gloo"
+    assert not cli.trainer._accelerator_connector.use_distributed_sampler
+    assert (ROOT / "configs" / "cluster" / "slurm.sbatch").read_text().count("configs/cluster/ddp.yaml") == 1
+
+
+def test_plain_ddp_is_refused_with_the_fix_named(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_alphaedit.callbacks import NullSpaceUpdate as Update
+
+    update = Update(layers=[1, 2])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="EditingDDPStrategy"):
+        update.setup(trainer, None, "fit")
