@@ -131,7 +131,10 @@ class EditStreamDataModule(pl.LightningDataModule):
         metrics sum over the ranks)."""
         batches = [requests[i : i + self.eval_batch_size] for i in range(0, len(requests), self.eval_batch_size)]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        return DataLoader(batches[rank::world], batch_size=None, collate_fn=_as_list)
+        mine = batches[rank::world]
+        if batches and not mine:  # fewer batches than ranks: Lightning refuses an empty loader on a rank
+            mine = [[]]  # an empty batch scores nothing; the metrics still synchronise
+        return DataLoader(mine, batch_size=None, collate_fn=_as_list)
 
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]

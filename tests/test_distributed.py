@@ -19,9 +19,10 @@ from lightning_alphaedit.algebra import null_space
 from lightning_alphaedit.collective import Collective
 
 ROOT = Path(__file__).resolve().parents[1]
-STREAM = [  # 20 edits in batches of 5 (shares of 3 and 2), validated every 10; 3 evaluation batches of 8
+STREAM = [  # 20 edits in batches of 5 (shares of 3 and 2), validated every 10 in batches of 16: the
+    # first validation has one batch, so the second rank has none; the test stage has two
     "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.limit", "20", "--data.batch_size", "5",
-    "--data.edits_per_epoch", "10", "--model.values.lr", "0.1",
+    "--data.edits_per_epoch", "10", "--data.eval_batch_size", "16", "--model.values.lr", "0.1",
     "--model.evaluation.generation", "false", "--trainer.enable_progress_bar", "false",
 ]
 TWO_PROCESSES = [
