@@ -1,7 +1,7 @@
 """Editing on several processes: what the ranks share and how.
 
 One edit batch is split across the ranks, never the stream: every rank receives the whole
-global batch, optimises the target values of its own contiguous share (the expensive part,
+edit batch, optimises the target values of its own contiguous share (the expensive part,
 now in parallel), and the update is then made once:
 
 - keys, current values and targets of every share are gathered to every rank, in rank

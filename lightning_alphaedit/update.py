@@ -219,7 +219,6 @@ class SequentialEditor:
             raise RuntimeError("the ft method has no closed-form update: use apply_finetuning")
         outcome = BatchOutcome(applied=False)
         device = target_values.device
-        new_caches = None
         with self._transaction(outcome):
             for i, layer in enumerate(self.layers):
                 with timed(outcome.seconds, "keys", device):
