@@ -18,8 +18,35 @@ from torch.utils.data import DataLoader
 from lightning_alphaedit.requests import EditRequest, read_requests, validate_requests
 
 
-def _as_list(batch: list[EditRequest]) -> list[EditRequest]:
-    return batch
+class RequestBatch:
+    """The requests of one batch, in order; indexing, slicing and iteration as a list's.
+
+    Deliberately not a list (nor any Sequence): under ``precision: bf16-true`` Lightning
+    walks a batch's lists and dataclasses to cast its float tensors, and refuses the frozen
+    request dataclasses it finds. A batch holds strings only; there is nothing to cast.
+    """
+
+    __slots__ = ("requests",)
+
+    def __init__(self, requests) -> None:
+        self.requests: tuple[EditRequest, ...] = tuple(requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self):
+        return iter(self.requests)
+
+    def __getitem__(self, index):
+        chosen = self.requests[index]
+        return list(chosen) if isinstance(index, slice) else chosen
+
+    def __repr__(self) -> str:
+        return f"RequestBatch({len(self)} requests)"
+
+
+def _as_batch(requests: list[EditRequest]) -> RequestBatch:
+    return RequestBatch(requests)
 
 
 class EditStreamDataModule(pl.LightningDataModule):
@@ -107,7 +134,7 @@ class EditStreamDataModule(pl.LightningDataModule):
         # middle) goes on with exactly the requests not yet applied.
         start = self.position
         end = min((start // self.chunk_size + 1) * self.chunk_size, len(self.requests))
-        return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_list)
+        return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_batch)
 
     def val_dataloader(self) -> DataLoader:
         """Every request edited by the end of the current edit epoch (validation runs after it).
@@ -134,7 +161,7 @@ class EditStreamDataModule(pl.LightningDataModule):
         mine = batches[rank::world]
         if batches and not mine:  # fewer batches than ranks: Lightning refuses an empty loader on a rank
             mine = [[]]  # an empty batch scores nothing; the metrics still synchronise
-        return DataLoader(mine, batch_size=None, collate_fn=_as_list)
+        return DataLoader(mine, batch_size=None, collate_fn=_as_batch)
 
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]

@@ -66,7 +66,7 @@ def target_nll(model: torch.nn.Module, tokenizer, targets: ModelTargets, request
     picked = log_probs.gather(1, labels[read].unsqueeze(1)).squeeze(1)  # (m,) row-major like read
     counts = read.sum(1)  # (u,)
     owner = torch.repeat_interleave(torch.arange(len(requests), device=device), counts)
-    return -torch.zeros(len(requests), device=device).index_add(0, owner, picked) / counts  # (u,)
+    return -torch.zeros(len(requests), dtype=picked.dtype, device=device).index_add(0, owner, picked) / counts  # (u,)
 
 
 def finetune(

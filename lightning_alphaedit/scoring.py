@@ -73,7 +73,7 @@ def score_answers(
             nll.append(-piece_nll.mean())
             accuracy.append(piece_hit.mean())
             all_argmax.append(piece_hit.min())
-    empty = torch.zeros(0, device=device)
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
     stack = lambda xs: torch.stack(xs) if xs else empty  # noqa: E731
     return AnswerScores(nll=stack(nll), token_accuracy=stack(accuracy), all_argmax=stack(all_argmax))
 

@@ -134,7 +134,7 @@ class SequentialEditor:
                 self.null_spaces[layer] = space.to(dtype=torch.float32)
             if method == "alphaedit":
                 rank = self.null_spaces[layer].rank
-                self.caches[layer] = torch.zeros(rank, rank, device=c0.device)
+                self.caches[layer] = torch.zeros(rank, rank, dtype=torch.float32, device=c0.device)
                 continue
             self.second_moments[layer] = c0
             self.caches[layer] = torch.zeros_like(c0, dtype=torch.float32)

@@ -129,8 +129,8 @@ def optimize_values(
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     active = torch.ones(u, dtype=torch.bool, device=device)
     steps = torch.zeros(u, dtype=torch.long, device=device)
-    final_loss = torch.zeros(u, device=device)
-    final_nll = torch.zeros(u, device=device)
+    final_loss = torch.zeros(u, dtype=torch.float32, device=device)
+    final_nll = torch.zeros(u, dtype=torch.float32, device=device)
     kl_initial = None  # (u, V) the unedited KL distributions, from the first step
     param_dtype = next(model.parameters()).dtype
     for step in range(config.num_grad_steps):
@@ -165,7 +165,7 @@ def optimize_values(
         wanted = labels[rows, :width][read[rows, :width]][is_rewrite]  # (rewrite positions,)
         picked = log_probs[is_rewrite].gather(1, wanted.unsqueeze(1)).squeeze(1)
         token_owner = torch.repeat_interleave(torch.arange(a * c, device=device), counts[:, :c].flatten())
-        per_prompt = -torch.zeros(a * c, device=device).index_add(0, token_owner, picked) / counts[:, :c].flatten()
+        per_prompt = -torch.zeros(a * c, dtype=picked.dtype, device=device).index_add(0, token_owner, picked) / counts[:, :c].flatten()
         nll = per_prompt.view(a, c).mean(1)  # (a,) mean over prompts of the mean target-token NLL
 
         kl_log_probs = log_probs[~is_rewrite]  # (a, V) one read position per KL row

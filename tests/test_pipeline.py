@@ -255,3 +255,22 @@ def test_validation_after_every_edit_epoch_covers_all_edits_so_far(tmp_path):
     module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=2))
     trainer(tmp_path, [CountValidated(), update]).fit(module, datamodule=data)
     assert seen == {0: 8, 1: 16}
+
+
+def test_bf16_true_precision_edits_a_bfloat16_model(tmp_path):
+    """precision="bf16-true" loads the model in bfloat16 and edits it; Lightning's input cast
+    used to refuse the batch (frozen request dataclasses inside a list)."""
+    module, data, update = build(tmp_path, limit=8)
+    run = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, precision="bf16-true",
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[update],
+    )
+    run.fit(module, datamodule=data)
+    weights = edited_weights(module)
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert update.edits_applied == 8 and not update.rejected
+    # the bookkeeping stays in float32 whatever the weights' dtype
+    assert all(c.dtype == torch.float32 for c in update.editor.caches.values())
+    exported = load_file(str(tmp_path / "export-alphaedit" / DELTAS_FILE))
+    assert exported and all(torch.isfinite(d.float()).all() and d.abs().max() > 0 for d in exported.values())
