@@ -99,11 +99,13 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
     losses = sorted(loss for _, loss, _ in reference)
     config.early_stop_loss = (losses[0] + losses[1]) / 2 + 1e-3
     reference = [reference_values(model, tokenizer, targets.block(LAYER), r, config) for r in requests]
-    for reuse in (True, False):
-        config.reuse_lower_layers = reuse
+    # the replay on and off; the batch whole and in passes of 2 requests (2 + 1)
+    for reuse, per_pass in ((True, None), (False, None), (True, 2)):
+        config.reuse_lower_layers, config.requests_per_pass = reuse, per_pass
         result = optimize_values(model, tokenizer, targets, requests, LAYER, CONTEXTS, config)
+        assert result.targets.shape[0] == len(requests)
         for i, (z, loss, steps) in enumerate(reference):
-            assert int(result.steps[i]) == steps, (reuse, i)
+            assert int(result.steps[i]) == steps, (reuse, per_pass, i)
             torch.testing.assert_close(result.targets[i].double(), z.double(), rtol=1e-4, atol=1e-5)
             assert abs(float(result.loss[i]) - loss) < 1e-4 * max(1.0, loss)
 
