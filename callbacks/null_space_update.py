@@ -175,7 +175,7 @@ class NullSpaceUpdate(pl.Callback):
                 collective=self.collective,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
-        if self.drift.texts:
+        if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
             held_out = self._held_out_texts(corpus)
             with timed(self.timing, "drift_reference", device):
                 self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
@@ -309,9 +309,10 @@ class NullSpaceUpdate(pl.Callback):
     # --- validation and test: drift, the history, the results file ---------------------------------
 
     def _log_drift(self, pl_module, prefix: str) -> dict[str, float]:
-        drift = self.drift_reference.measure() if self.drift_reference is not None else {}
+        # rank 0 holds the reference and measures; every rank logs the same numbers
+        drift = self.collective.run_on_zero(self.drift_reference.measure if self.drift_reference is not None else dict)
         for name, value in drift.items():
-            pl_module.log(f"{prefix}{name}", value, sync_dist=True)  # the same on every rank
+            pl_module.log(f"{prefix}{name}", value, sync_dist=True)
         return drift
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:

@@ -79,7 +79,7 @@ class DriftReference:
         self.top: list[torch.Tensor] = []  # per batch (n, k) token ids
         self.coarse: list[torch.Tensor] = []  # per batch (n, k + 1) log-probs
         self.batches = list(self._tokenized())  # tokenized once, reused by every measure()
-        perplexity = Perplexity(ignore_index=-100).to(self._device)
+        perplexity = Perplexity(ignore_index=-100, sync_on_compute=False).to(self._device)
         for batch, real in self.batches:
             with ExitStack() as stack:
                 captures = {l: stack.enter_context(capture_input(targets.projection(l))) for l in self.layers}
@@ -115,13 +115,16 @@ class DriftReference:
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
-        """Drift of ``targets.model`` as it is now, from the reference: a flat dict of floats."""
+        """Drift of ``targets.model`` as it is now, from the reference: a flat dict of floats.
+
+        Computed in this process alone (its metrics never synchronise), so that one rank of a
+        multi-process run measures for all."""
         targets = self.targets
         device = self._device
-        output_change = {l: RelativeChange().to(device) for l in self.layers}
-        hidden_shift = RelativeChange().to(device)
-        kl = KLDivergence(log_prob=True).to(device)
-        perplexity = Perplexity(ignore_index=-100).to(device)
+        output_change = {l: RelativeChange(sync_on_compute=False).to(device) for l in self.layers}
+        hidden_shift = RelativeChange(sync_on_compute=False).to(device)
+        kl = KLDivergence(log_prob=True, sync_on_compute=False).to(device)
+        perplexity = Perplexity(ignore_index=-100, sync_on_compute=False).to(device)
         for index, (batch, real) in enumerate(self.batches):
             for layer in self.layers:
                 edited = self.keys[layer][index] @ targets.linear_weight(layer).float().T  # (n, d_out)
