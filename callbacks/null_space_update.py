@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_alphaedit.algebra import kept_dimension
+from lightning_alphaedit.algebra import default_threshold, kept_dimension
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
@@ -66,7 +66,8 @@ class NullSpaceUpdate(pl.Callback):
         finetune: Hyperparameters of the ``ft`` method.
         l2: λ of the AlphaEdit solve (``L2`` in the released configs).
         nullspace_threshold: The null-space rule's parameter: with ``absolute`` (the paper's), eigenvalues
-            of C0 below it span the null space.
+            of C0 below it span the null space. null: the rule's default (absolute 2e-2, relative 1e-2,
+            energy 0.3, fraction 0.7).
         nullspace_rule: How the null space is chosen from C0's eigenvalues: ``absolute`` (eigenvalue <
             threshold), ``relative`` (< threshold x the largest), ``energy`` (the smallest ones holding at
             most a threshold fraction of the total), ``fraction`` (that fraction of the dimension).
@@ -89,7 +90,7 @@ class NullSpaceUpdate(pl.Callback):
         layers: list[int],
         method: str = "alphaedit",
         l2: float = 10.0,
-        nullspace_threshold: float = 2e-2,
+        nullspace_threshold: float | None = None,
         mom2_weight: float = 15000.0,
         statistics: StatisticsConfig = StatisticsConfig(),
         on_rejected: str = "continue",
@@ -110,6 +111,8 @@ class NullSpaceUpdate(pl.Callback):
             raise ValueError(f"layers must be a non-empty increasing list, got {layers}")
         self.layers, self.method = list(layers), method
         kept_dimension(torch.ones(1), nullspace_rule, nullspace_threshold)  # a bad rule fails before loading
+        if nullspace_threshold is None:
+            nullspace_threshold = default_threshold(nullspace_rule)
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.nullspace_rule = nullspace_rule
         self.projection, self.rect_fraction, self.finetune = projection, rect_fraction, finetune

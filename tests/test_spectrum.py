@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_alphaedit.algebra import KeyMoments, kept_dimension, null_space
+from lightning_alphaedit.algebra import KeyMoments, default_threshold, kept_dimension, null_space
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.cli import run
 from lightning_alphaedit.spectrum import parse_rule
@@ -33,6 +33,16 @@ SPECTRUM = torch.tensor([1e-4, 1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64)  # t
 ])
 def test_kept_dimension_on_a_known_spectrum(rule, threshold, expected):
     assert kept_dimension(SPECTRUM, rule, threshold) == expected
+
+
+@pytest.mark.parametrize("rule, default, expected", [
+    ("absolute", 2e-2, 3), ("relative", 1e-2, 2), ("energy", 0.3, 4), ("fraction", 0.7, 3),  # 0.3 x 1.1111 >= 0.1111
+])
+def test_a_rule_without_threshold_takes_its_default(rule, default, expected):
+    assert default_threshold(rule) == default
+    assert kept_dimension(SPECTRUM, rule) == expected == kept_dimension(SPECTRUM, rule, default)
+    assert NullSpaceUpdate(layers=[1], nullspace_rule=rule).nullspace_threshold == default
+    assert NullSpaceUpdate(layers=[1]).nullspace_threshold == 2e-2  # the reference by default
 
 
 @pytest.mark.parametrize("rule, threshold, message", [
