@@ -252,8 +252,8 @@ def kept_dimension(eigenvalues: torch.Tensor, rule: str = "absolute", threshold:
     """How many of the ascending ``eigenvalues`` (d,) the selection ``rule`` keeps (``threshold``
     None: the rule's `default_threshold`)."""
     if threshold is None:
-        threshold = default_threshold(rule)
-    if rule not in NULL_SPACE_RULES:
+        threshold = default_threshold(rule)  # refuses an unknown rule too
+    elif rule not in NULL_SPACE_RULES:
         raise ValueError(f"null-space rule must be one of {NULL_SPACE_RULES}, got {rule!r}")
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")

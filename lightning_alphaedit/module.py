@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
@@ -28,6 +29,9 @@ from lightning_alphaedit.values import (
     ValueResult,
     optimize_values,
 )
+
+if TYPE_CHECKING:
+    from lightning_alphaedit.datamodule import RequestBatch
 
 
 @dataclass
@@ -97,7 +101,7 @@ class AlphaEditModule(pl.LightningModule):
         return None  # δ has its own Adam inside each step; the model is frozen
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # a batch is a list of requests (strings); tensors are made on the device later
+        return batch  # a RequestBatch (strings); tensors are made on the device later
 
     def setup(self, stage: str) -> None:
         from lightning_alphaedit.callbacks import NullSpaceUpdate
@@ -152,7 +156,7 @@ class AlphaEditModule(pl.LightningModule):
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict:
+    def training_step(self, batch: RequestBatch, batch_idx: int) -> dict:
         if self.edit_layer is None or self.context_templates is None:
             raise RuntimeError("training_step before NullSpaceUpdate prepared the module")
         # every rank receives the whole batch and optimises its own share of it
@@ -171,7 +175,7 @@ class AlphaEditModule(pl.LightningModule):
         self.log("edit/value_steps", result.steps.float().mean(), batch_size=size)
         return {"requests": batch, "share": share, "targets": result.targets, "values": result, "seconds": seconds}
 
-    def validation_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+    def validation_step(self, batch: RequestBatch, batch_idx: int) -> None:
         self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -179,7 +183,7 @@ class AlphaEditModule(pl.LightningModule):
             self.log(f"val/{name}", value, sync_dist=True)  # already reduced: the same on every rank
         self.val_metrics.reset()
 
-    def test_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+    def test_step(self, batch: RequestBatch, batch_idx: int) -> None:
         self.test_metrics.update(self.lm, self.tokenizer, self.targets, batch, generation=True)
 
     def on_test_epoch_end(self) -> None:
