@@ -36,13 +36,14 @@ def run_rule(rule: str, args) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def kept_directions(rules: list[str], folder: Path) -> dict[str, list[int]]:
-    """Directions each rule keeps at each edited layer, from the spectrum command (cached statistics)."""
+def kept_directions(rules: list[str], folder: Path) -> tuple[dict[str, list[int]], list[int]]:
+    """Directions each rule keeps at each edited layer, and each layer's d_in, from the spectrum
+    command (cached statistics)."""
     command = [sys.executable, "-m", "lightning_alphaedit", "spectrum", "--config", str(CONFIG),
                "--spectrum.rules", "[" + ",".join(rules) + "]", "--spectrum.output", str(folder)]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     layers = json.loads((folder / "spectrum.json").read_text())["layers"]
-    return {rule: [layer["kept"][rule] for layer in layers] for rule in rules} | {"d_in": [l["d_in"] for l in layers]}
+    return {rule: [layer["kept"][rule] for layer in layers] for rule in rules}, [layer["d_in"] for layer in layers]
 
 
 def history(folder: Path) -> list[dict]:
@@ -66,11 +67,11 @@ def main() -> None:
             run_rule(rule, args)
     runs = {p.name.replace("-", ":", 1): history(p) for p in sorted(args.output.iterdir())
             if p.is_dir() and any(p.rglob("metrics.jsonl"))}
-    kept = kept_directions(list(runs), args.output / "spectrum")
+    kept, d_in = kept_directions(list(runs), args.output / "spectrum")
     lines = ["| rule | kept at the edited layers | edits | efficacy | generalization | specificity | KL | perplexity | hidden shift |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rule, records in runs.items():
-        share = [k / d for k, d in zip(kept[rule], kept["d_in"])]
+        share = [k / d for k, d in zip(kept[rule], d_in)]
         where = f"{min(share):.0%}-{max(share):.0%}" if max(share) - min(share) > 0.005 else f"{share[0]:.0%}"
         for record in records:
             figures = [100 * record[f"val/{m}"] for m in ("efficacy", "generalization", "specificity")]
@@ -79,7 +80,7 @@ def main() -> None:
             lines.append(f"| {rule} | {where} | {record['edits']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     write_text_atomic(args.output / "rules.md", table)
-    write_text_atomic(args.output / "rules.json", json.dumps({"kept": kept, "runs": runs}, indent=1))
+    write_text_atomic(args.output / "rules.json", json.dumps({"kept": kept, "d_in": d_in, "runs": runs}, indent=1))
     print(table)
 
 

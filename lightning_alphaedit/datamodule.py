@@ -45,9 +45,6 @@ class RequestBatch:
         return f"RequestBatch({len(self)} requests)"
 
 
-def _as_batch(requests: list[EditRequest]) -> RequestBatch:
-    return RequestBatch(requests)
-
 
 class EditStreamDataModule(pl.LightningDataModule):
     """Streams edit requests from a file in order (or a seeded shuffle of it).
@@ -134,7 +131,7 @@ class EditStreamDataModule(pl.LightningDataModule):
         # middle) goes on with exactly the requests not yet applied.
         start = self.position
         end = min((start // self.chunk_size + 1) * self.chunk_size, len(self.requests))
-        return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=_as_batch)
+        return DataLoader(self.requests[start:end], batch_size=self.batch_size, collate_fn=RequestBatch)
 
     def val_dataloader(self) -> DataLoader:
         """Every request edited by the end of the current edit epoch (validation runs after it).
@@ -161,7 +158,7 @@ class EditStreamDataModule(pl.LightningDataModule):
         mine = batches[rank::world]
         if batches and not mine:  # fewer batches than ranks: Lightning refuses an empty loader on a rank
             mine = [[]]  # an empty batch scores nothing; the metrics still synchronise
-        return DataLoader(mine, batch_size=None, collate_fn=_as_batch)
+        return DataLoader(mine, batch_size=None, collate_fn=RequestBatch)
 
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]
