@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, nargs="*", default=[], help="also the specificity of the first k requests")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} is absent (the shared CounterFact data, or give --data)")
 
     requests = read_requests(args.data)[: args.limit]
     rows = [(r, n) for r in requests for n in r.neighborhood_prompts if r.target_true is not None]
