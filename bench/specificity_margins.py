@@ -51,15 +51,15 @@ def main() -> None:
         raise SystemExit(f"{args.data} is absent (the shared CounterFact data, or give --data)")
 
     requests = read_requests(args.data)[: args.limit]
-    rows = [(r, n) for r in requests for n in r.neighborhood_prompts if r.target_true is not None]
-    prompts = [n.prompt for _, n in rows]
-    true, new = [n.target for _, n in rows], [r.target_new for r, _ in rows]
+    rows = [(i, r, n) for i, r in enumerate(requests) for n in r.neighborhood_prompts if r.target_true is not None]
+    prompts = [n.prompt for _, _, n in rows]
+    true, new = [n.target for _, _, n in rows], [r.target_new for _, r, _ in rows]
     config = ModelConfig(name_or_path=args.unedited, dtype="float32")
     tokenizer = load_tokenizer(config)
     before = margins(load_model(config, tokenizer), tokenizer, prompts, true, new)
     after = before if args.edited is None else margins(
         load_model(ModelConfig(name_or_path=str(args.edited), dtype="float32"), tokenizer), tokenizer, prompts, true, new)
-    owners = torch.tensor([i for i, r in enumerate(requests) for n in r.neighborhood_prompts if r.target_true is not None])
+    owners = torch.tensor([i for i, _, _ in rows])  # (n,) the request each prompt belongs to
     for k in args.prefixes:
         rows_k = owners < k  # the neighbourhood prompts of the first k requests
         print(f"first {k} requests: specificity unedited {100 * (before[rows_k] > 0).float().mean():.2f}"
@@ -71,7 +71,7 @@ def main() -> None:
               f"{100 * (before > 0).float().mean():.1f} -> {100 * (after > 0).float().mean():.1f}, "
               f"mean margin change {float((after - before).mean()):+.3f} nats, {int(flipped.sum())} changed side")
     records = []
-    for (request, neighbour), b, a, f in zip(rows, before.tolist(), after.tolist(), flipped.tolist()):
+    for (_, request, neighbour), b, a, f in zip(rows, before.tolist(), after.tolist(), flipped.tolist()):
         records.append({"case_id": request.case_id, "prompt": neighbour.prompt, "true": neighbour.target,
                         "new": request.target_new, "margin_before": b,
                         **({} if args.edited is None else {"margin_after": a, "flipped": f})})
