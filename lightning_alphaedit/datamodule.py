@@ -45,7 +45,6 @@ class RequestBatch:
         return f"RequestBatch({len(self)} requests)"
 
 
-
 class EditStreamDataModule(pl.LightningDataModule):
     """Streams edit requests from a file in order (or a seeded shuffle of it).
 
