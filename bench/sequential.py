@@ -27,13 +27,13 @@ from pathlib import Path
 
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.report import report
+from lightning_alphaedit.timing import EDIT_PHASES as PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "bench" / "smollm2-counterfact30.yaml"
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 COLUMNS = ("efficacy", "generalization", "specificity", "generation_efficacy", "fluency",
            "drift/kl", "drift/hidden_shift", "drift/perplexity")
-PHASES = ("values", "keys", "solve", "cache", "finetune")
 
 
 def run_method(label: str, args, output: Path) -> dict:

@@ -38,7 +38,7 @@ from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.strategy import EditingDDPStrategy
-from lightning_alphaedit.timing import peak_memory, timed
+from lightning_alphaedit.timing import EDIT_PHASES, peak_memory, timed
 from lightning_alphaedit.update import (
     RECT_FRACTION,
     SequentialEditor,
@@ -337,6 +337,7 @@ class NullSpaceUpdate(pl.Callback):
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
         record.pop("val/edits", None)
+        record["time/edit_seconds"] = sum(self.timing.get(phase, 0.0) for phase in EDIT_PHASES)  # so far, the run's whole
         self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
         self._write_history(trainer)
 

@@ -97,7 +97,7 @@ def history_figures(runs: list[Run]) -> list[str]:
 
 def _scale(name: str) -> float:
     bare = name.split("/", 1)[-1]
-    return 1.0 if bare in UNSCALED or name.startswith("drift/") else 100.0
+    return 1.0 if bare in UNSCALED or name.startswith(("drift/", "time/")) else 100.0
 
 
 def plot(runs: list[Run], output: Path) -> dict[str, Path]:

@@ -14,6 +14,10 @@ from contextlib import contextmanager
 
 import torch
 
+# The phases that edit (value optimization, keys, solves, cache update, or fine-tuning): their sum
+# per request is the edit time benchmarks compare; statistics, evaluation and export are apart.
+EDIT_PHASES = ("values", "keys", "solve", "cache", "finetune")
+
 
 def _synchronize(device: torch.device | None) -> None:
     if device is None or device.type == "cpu":

@@ -121,7 +121,8 @@ def test_two_processes_edit_like_one(runs):
     assert [h["edits"] for h in results_two["history"]] == [0, 10, 20]
     for record_one, record_two in zip(results_one["history"], results_two["history"]):
         for name, value in record_one.items():
-            assert record_two[name] == pytest.approx(value, rel=1e-4, abs=1e-4), f"history {name}"
+            if not name.startswith("time/"):  # wall-clock seconds: never equal
+                assert record_two[name] == pytest.approx(value, rel=1e-4, abs=1e-4), f"history {name}"
 
 
 def test_a_two_process_run_resumes_from_its_checkpoint(runs):
