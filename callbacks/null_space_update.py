@@ -42,6 +42,7 @@ from lightning_alphaedit.timing import EDIT_PHASES, peak_memory, timed
 from lightning_alphaedit.update import (
     RECT_FRACTION,
     SequentialEditor,
+    check_long_stream_options,
     check_method,
     method_label,
 )
@@ -83,6 +84,12 @@ class NullSpaceUpdate(pl.Callback):
         checkpoint: Write ``<run directory>/checkpoints/last.ckpt`` after every edit epoch, atomically,
             to resume a crashed run with ``--ckpt_path``. (Lightning's ModelCheckpoint counts optimizer
             steps, and an edit step takes none, so it would not save between epochs.)
+        leakage_weight: λ1 of AlphaEdit's leakage penalty: adds λ1 times the mean squared change of the
+            layer's output on the preserved keys to the objective (the "null space" is approximate:
+            its eigenvalues are small, not zero). 0 = off (the paper's update); 3000 in BetaEdit's release.
+        refresh_every: Rebuild the null space every this many edits from the eigenvectors below the
+            threshold of (C_p / n + λ1 C0) / (λ1 + 1), so directions earlier edits used are protected
+            too; keeps the full C_p (d_in x d_in) per layer. null = never (the paper).
     """
 
     def __init__(
@@ -103,8 +110,12 @@ class NullSpaceUpdate(pl.Callback):
         rect_fraction: float = RECT_FRACTION,
         finetune: FineTuneConfig = FineTuneConfig(),
         checkpoint: bool = True,
+        leakage_weight: float = 0.0,
+        refresh_every: int | None = None,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        check_long_stream_options(method, leakage_weight, refresh_every)
+        self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
         if on_rejected not in REJECTION_POLICIES:
             raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
         if not layers or list(layers) != sorted(set(layers)):
@@ -175,7 +186,7 @@ class NullSpaceUpdate(pl.Callback):
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
                 nullspace_rule=self.nullspace_rule, projection=self.projection, rect_fraction=self.rect_fraction,
-                collective=self.collective,
+                collective=self.collective, leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
@@ -379,6 +390,7 @@ class NullSpaceUpdate(pl.Callback):
                 "nullspace_rule": self.nullspace_rule, "projection": self.projection,
                 "rect_fraction": self.rect_fraction, "finetune": asdict(self.finetune),
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
+                "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
                 "model": pl_module.lm_config.identity,
             },
         )

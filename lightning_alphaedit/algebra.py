@@ -26,6 +26,11 @@ With K1 = keys, R = residuals, P = U U^T the projector onto the null space of C0
         Y       = (U^T (K1^T K1 + C_p) U + lambda I_r)^-1 U^T K1^T R          (r, d_out)
         delta^T = U Y
 
+The leakage penalty (BetaEdit) adds lambda1 tr(delta P C0 P delta^T), the mean squared change of
+the preserved keys' outputs, to the objective: lambda1 C0 joins C_p in both forms, and in the
+subspace form it is U^T (lambda1 C0) U = lambda1 diag(s) when U are C0's eigenvectors (s their
+eigenvalues), so the r x r system only gains a diagonal.
+
 Because lambda > 0 both solutions lie in the range of P, so delta @ k0 = 0 for every key
 k0 in the preserved span: that is AlphaEdit's guarantee. MEMIT, the baseline, solves
 delta^T = solve(lambda_m C0 + C_p + K1^T K1, K1^T R) and gives no such guarantee.
@@ -335,6 +340,39 @@ def project_cache(cache: torch.Tensor, null_space: NullSpace) -> torch.Tensor:
     return U.T @ cache.to(dtype) @ U  # (r, d_in) @ (d_in, d_in) @ (d_in, r)
 
 
+def leakage_in_subspace(null_space: NullSpace, leakage_weight: float, second_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """lambda1 U^T C0 U (r, r): the leakage penalty in the coordinates of the subspace solve.
+
+    With ``second_moment`` None the basis must be C0's own eigenvectors, and the result is the
+    exact lambda1 diag(s) of their eigenvalues. After a projector refresh the basis is another
+    matrix's: pass C0 (d_in, d_in) and U^T C0 U is computed (float64, returned in the basis'
+    dtype, on its device)."""
+    if not (isinstance(leakage_weight, (int, float)) and not isinstance(leakage_weight, bool)
+            and math.isfinite(leakage_weight) and leakage_weight >= 0):
+        raise ValueError(f"leakage_weight must be a finite number >= 0, got {leakage_weight!r}")
+    U = null_space.basis
+    if second_moment is None:
+        return torch.diag(leakage_weight * null_space.eigenvalues[: null_space.rank]).to(U)  # (r, r)
+    _check_square("second_moment", second_moment, null_space.dim)
+    U64 = U.to(torch.float64)
+    C0 = second_moment.to(device=U.device, dtype=torch.float64)
+    projected = U64.T @ C0 @ U64  # (r, d_in) @ (d_in, d_in) @ (d_in, r)
+    return (leakage_weight * (projected + projected.T) / 2).to(U.dtype)
+
+
+def blended_moment(edit_moment_sum: torch.Tensor, edits: int, second_moment: torch.Tensor, leakage_weight: float) -> torch.Tensor:
+    """M = (C_p / n + lambda1 C0) / (lambda1 + 1) (d_in, d_in) in float64: the matrix a projector
+    refresh takes the null space of, so that directions the edits themselves used (C_p, the
+    edit keys' sum over n edits) leave the null space as well as the preserved ones."""
+    _check_2d("edit_moment_sum", edit_moment_sum, "(d_in, d_in)")
+    _check_square("second_moment", second_moment, edit_moment_sum.shape[0])
+    if edits < 1:
+        raise ValueError(f"a refresh needs at least one edit, got edits={edits}")
+    Cp = edit_moment_sum.to(torch.float64)
+    C0 = second_moment.to(device=Cp.device, dtype=torch.float64)
+    return (Cp / edits + leakage_weight * C0) / (leakage_weight + 1)  # (d_in, d_in)
+
+
 # -----------------------------------------------------------------------------
 # the updates
 
@@ -348,6 +386,7 @@ def alphaedit_delta(
     *,
     cache_in_subspace: bool | None = None,
     compute_dtype: torch.dtype | None = None,
+    leakage: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AlphaEdit's update delta (d_out, d_in) for keys (n, d_in) and residuals (n, d_out).
 
@@ -362,6 +401,9 @@ def alphaedit_delta(
     (d_in, d_in) or the projected U^T C_p U (r, r), told apart by shape; when r == d_in
     both shapes coincide and a (d_in, d_in) cache is taken as the FULL C_p. Pass
     cache_in_subspace=True/False to say which it is explicitly (the shape is then checked).
+
+    leakage is the leakage penalty, added beside C_p: lambda1 C0 (d_in, d_in) in the projector
+    form, lambda1 U^T C0 U (r, r) in the subspace form (`leakage_in_subspace`). None = none.
 
     Computed in compute_dtype (None = the promoted dtype of the inputs, at least float32)
     on keys' device (other inputs are moved there). The result stays in that dtype:
@@ -380,7 +422,9 @@ def alphaedit_delta(
                 f"null space basis must be (d_in, r) with d_in = {d_in} to match keys {_shape(keys)}, "
                 f"got basis {_shape(ns.basis)}"
             )
-        return _alphaedit_delta_subspace(keys, residuals, ns, cache, l2, cache_in_subspace, compute_dtype)
+        if leakage is not None:
+            _check_square("leakage", leakage, ns.rank, "(r, r) in the subspace form")
+        return _alphaedit_delta_subspace(keys, residuals, ns, cache, l2, cache_in_subspace, compute_dtype, leakage)
 
     P = projector_or_null_space
     _check_square("projector", P, d_in)
@@ -388,6 +432,8 @@ def alphaedit_delta(
         _check_square("cache", cache, d_in, "(d_in, d_in) in the projector form")
     if cache_in_subspace:
         raise ValueError("cache_in_subspace=True needs a NullSpace, not a projector tensor")
+    if leakage is not None:
+        _check_square("leakage", leakage, d_in, "(d_in, d_in) in the projector form")
 
     dtype = compute_dtype or _compute_dtype(keys, residuals, P, cache)
     K = keys.to(device=device, dtype=dtype)  # (n, d_in)
@@ -396,6 +442,8 @@ def alphaedit_delta(
     KK = K.T @ K  # (d_in, d_in)
     if cache is not None:
         KK = KK + cache.to(device=device, dtype=dtype)
+    if leakage is not None:
+        KK = KK + leakage.to(device=device, dtype=dtype)
     I = torch.eye(d_in, dtype=dtype, device=device)
     A = P @ KK + l2 * I  # (d_in, d_in), not symmetric: general solve, as the reference
     B = P @ (K.T @ R)  # (d_in, d_out)
@@ -411,6 +459,7 @@ def _alphaedit_delta_subspace(
     l2: float,
     cache_in_subspace: bool | None,
     compute_dtype: torch.dtype | None,
+    leakage: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The subspace form of alphaedit_delta (inputs already validated against keys)."""
     d_in, d_out, r = keys.shape[1], residuals.shape[1], ns.rank
@@ -446,6 +495,8 @@ def _alphaedit_delta_subspace(
     if cache is not None:
         C = cache.to(device=device, dtype=dtype)
         A = A + (C if cache_in_subspace else U.T @ C @ U)  # (r, r)
+    if leakage is not None:
+        A = A + leakage.to(device=device, dtype=dtype)  # (r, r)
     A = (A + A.T) / 2 + l2 * torch.eye(r, dtype=dtype, device=device)  # (r, r), SPD
     B = KU.T @ R  # (r, d_out)
     Y = _symmetric_solve(A, B)  # (r, d_out)

@@ -8,6 +8,7 @@ not at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,17 @@ def check_method(method: str, projection: str | None, rect_fraction: float = REC
         raise ValueError(f"rect_fraction must be in (0, 1], got {rect_fraction!r}")
 
 
+def check_long_stream_options(method: str, leakage_weight: float, refresh_every: int | None) -> None:
+    """Refuses a leakage penalty or projector refresh that cannot run, before anything is loaded."""
+    if not (isinstance(leakage_weight, (int, float)) and not isinstance(leakage_weight, bool)
+            and math.isfinite(leakage_weight) and leakage_weight >= 0):
+        raise ValueError(f"leakage_weight must be a finite number >= 0, got {leakage_weight!r}")
+    if refresh_every is not None and (not isinstance(refresh_every, int) or isinstance(refresh_every, bool) or refresh_every < 1):
+        raise ValueError(f"refresh_every must be an int >= 1 or null, got {refresh_every!r}")
+    if (leakage_weight or refresh_every) and method != "alphaedit":
+        raise ValueError(f"leakage_weight and refresh_every apply to the alphaedit method, not {method}")
+
+
 class NonFiniteUpdate(RuntimeError):
     """A layer's update contained NaN or inf; the batch was rolled back."""
 
@@ -97,6 +109,12 @@ class SequentialEditor:
     Ûᵀ C_p Û (r x r); the MEMIT family keeps C0 and the full cache C_p (d_in x d_in), plus Û
     when its updates are projected; PRUNE also the unedited weights and their largest singular
     value; FT nothing (``statistics`` may then be empty).
+
+    For long streams AlphaEdit takes two options. ``leakage_weight`` (λ1) adds λ1 Ûᵀ C0 Û, the
+    leakage of the update onto the preserved keys, to the solve. ``refresh_every`` (τ) rebuilds
+    the null space every τ edits from the eigenvectors below the threshold of
+    M = (C_p / n + λ1 C0) / (λ1 + 1), n the edits so far; it keeps C0 and the full C_p
+    (d_in x d_in per layer) and re-projects the cache onto the new basis.
     """
 
     def __init__(
@@ -112,8 +130,16 @@ class SequentialEditor:
         projection: str | None = None,
         rect_fraction: float = RECT_FRACTION,
         collective: Collective | None = None,
+        leakage_weight: float = 0.0,
+        refresh_every: int | None = None,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        check_long_stream_options(method, leakage_weight, refresh_every)
+        self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
+        self.nullspace_threshold, self.nullspace_rule = nullspace_threshold, nullspace_rule
+        self.edits = 0  # edits applied so far (the n of a refresh)
+        self.full_caches: dict[int, torch.Tensor] = {}  # refresh: the full C_p (d_in, d_in)
+        self.leakages: dict[int, torch.Tensor] = {}  # λ1 Ûᵀ C0 Û (r, r)
         self.collective = collective or Collective()
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers must be increasing and distinct, got {list(layers)}")
@@ -135,6 +161,12 @@ class SequentialEditor:
             if method == "alphaedit":
                 rank = self.null_spaces[layer].rank
                 self.caches[layer] = torch.zeros(rank, rank, dtype=torch.float32, device=c0.device)
+                if leakage_weight or refresh_every:
+                    self.second_moments[layer] = c0
+                if leakage_weight:  # Û are C0's eigenvectors: λ1 diag(s)
+                    self.leakages[layer] = algebra.leakage_in_subspace(self.null_spaces[layer], leakage_weight)
+                if refresh_every:
+                    self.full_caches[layer] = torch.zeros_like(c0, dtype=torch.float32)
                 continue
             self.second_moments[layer] = c0
             self.caches[layer] = torch.zeros_like(c0, dtype=torch.float32)
@@ -152,7 +184,7 @@ class SequentialEditor:
         if self.method == "alphaedit":
             return algebra.alphaedit_delta(
                 keys, residuals, self.null_spaces[layer], cache=self.caches[layer],
-                l2=self.l2, cache_in_subspace=True,
+                l2=self.l2, cache_in_subspace=True, leakage=self.leakages.get(layer),
             )
         delta = algebra.memit_delta(
             keys, residuals, self.second_moments[layer], cache=self.caches[layer], mom2_weight=self.mom2_weight
@@ -235,10 +267,22 @@ class SequentialEditor:
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
             # the cache holds the keys of the edited model, as in the reference
             with timed(outcome.seconds, "cache", device):
-                new_caches = {layer: self._grown_cache(layer, keys_at(layer)) for layer in self.layers}
-            if not all(torch.isfinite(c).all() for c in new_caches.values()):
+                all_keys = {layer: keys_at(layer) for layer in self.layers}
+                new_caches = {layer: self._grown_cache(layer, all_keys[layer]) for layer in self.layers}
+                new_full = {layer: algebra.update_cache(self.full_caches[layer], all_keys[layer]) for layer in self.full_caches}
+            if not all(torch.isfinite(c).all() for c in [*new_caches.values(), *new_full.values()]):
                 raise NonFiniteUpdate("the sequential cache update is not finite")
+            edits = self.edits + len(target_values)
+            refreshed = {}
+            if self.refresh_every and edits // self.refresh_every > self.edits // self.refresh_every:
+                with timed(outcome.seconds, "refresh", device):
+                    refreshed = {layer: self._refreshed_null_space(layer, new_full[layer], edits) for layer in self.layers}
+            # nothing failed: the batch's state is committed at once
             self.caches.update(new_caches)
+            self.full_caches.update(new_full)
+            self.edits = edits
+            for layer, space in refreshed.items():
+                self._use_null_space(layer, space)
             outcome.applied = True
         return outcome
 
@@ -271,6 +315,20 @@ class SequentialEditor:
             norms[layer] = float(change.float().norm())
         return None, norms
 
+    def _refreshed_null_space(self, layer: int, full_cache: torch.Tensor, edits: int) -> NullSpace:
+        """The null space of M = (C_p / n + λ1 C0) / (λ1 + 1) (float64 eigh, float32 basis)."""
+        blend = algebra.blended_moment(full_cache, edits, self.second_moments[layer], self.leakage_weight)
+        space = algebra.null_space(blend, self.nullspace_threshold, self.nullspace_rule)
+        return space.to(device=full_cache.device, dtype=torch.float32)
+
+    def _use_null_space(self, layer: int, space: NullSpace) -> None:
+        """Switch ``layer`` to ``space``: the subspace cache re-projected from the full C_p, the
+        leakage penalty taken in the new basis (no longer C0's eigenvectors)."""
+        self.null_spaces[layer] = space
+        self.caches[layer] = algebra.project_cache(self.full_caches[layer], space).to(torch.float32)
+        if self.leakage_weight:
+            self.leakages[layer] = algebra.leakage_in_subspace(space, self.leakage_weight, self.second_moments[layer])
+
     def _grown_cache(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         cache = self.caches[layer]
         if self.method == "alphaedit":
@@ -280,10 +338,17 @@ class SequentialEditor:
         return cache + keys.T @ keys  # (d_in, d_in)
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "method": self.method, "projection": self.projection, "layers": list(self.layers),
-            "caches": {str(k): v.cpu() for k, v in self.caches.items()},
+            "caches": {str(k): v.cpu() for k, v in self.caches.items()}, "edits": self.edits,
         }
+        if self.refresh_every:  # the null spaces move: they and the full C_p are state
+            state["full_caches"] = {str(k): v.cpu() for k, v in self.full_caches.items()}
+            state["null_spaces"] = {
+                str(k): {"basis": v.basis.cpu(), "eigenvalues": v.eigenvalues.cpu()} for k, v in self.null_spaces.items()
+            }
+            state["leakages"] = {str(k): v.cpu() for k, v in self.leakages.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         made_by = method_label(state["method"], state.get("projection"))
@@ -292,6 +357,22 @@ class SequentialEditor:
                 f"checkpoint was made by method={made_by} layers={state['layers']}, "
                 f"this run is method={self.label} layers={self.layers}"
             )
+        if self.refresh_every:
+            if "null_spaces" not in state:
+                raise ValueError("checkpoint was made without refresh_every: it holds no full cache to refresh from")
+            for layer in self.layers:
+                stored = state["null_spaces"][str(layer)]
+                device = self.full_caches[layer].device
+                self.null_spaces[layer] = NullSpace(
+                    stored["basis"].to(device), stored["eigenvalues"].to(device),
+                    self.nullspace_threshold, self.nullspace_rule,
+                )
+                self.full_caches[layer] = state["full_caches"][str(layer)].to(self.full_caches[layer])
+                rank = self.null_spaces[layer].rank
+                self.caches[layer] = torch.zeros(rank, rank, dtype=torch.float32, device=device)
+                if self.leakage_weight:
+                    self.leakages[layer] = state["leakages"][str(layer)].to(device)
+        self.edits = int(state.get("edits", 0))
         for layer in self.caches:
             stored = state["caches"][str(layer)]
             if stored.shape != self.caches[layer].shape:

@@ -17,6 +17,8 @@ from lightning_alphaedit.algebra import (
     KeyMoments,
     NullSpace,
     alphaedit_delta,
+    blended_moment,
+    leakage_in_subspace,
     memit_delta,
     null_space,
     null_space_projector,
@@ -289,6 +291,52 @@ def test_alphaedit_subspace_form_matches_projector_form(with_cache):
     ns32 = null_space(C0.float())
     d32 = alphaedit_delta(K.float(), R.float(), ns32, None if Cp is None else Cp.float())
     assert d32.dtype == torch.float32 and rel(d32.to(F64), expected) < 1e-4
+
+
+@pytest.mark.parametrize("leakage_weight", [3000.0, 100.0])
+def test_leakage_penalty_subspace_form_matches_the_full_formula(leakage_weight):
+    """delta^T = solve(P (K^T K + C_p + lambda1 C0) + lambda I, P K^T R), written here in float64,
+    against the r x r solve that only gains lambda1 diag(s)."""
+    C0, _, _, _ = spectrum_c0(seed=21)
+    # eigenvalues below the threshold but not all equal, so diag(s) is not a multiple of I
+    C0 = C0 + 1e-3 * torch.diag(torch.linspace(0, 1, D_IN, dtype=F64))
+    ns = null_space(C0)
+    assert 0 < ns.rank < D_IN
+    K, R, Cp = _problem(22)
+    P = ns.basis @ ns.basis.T
+    d_in = K.shape[1]
+    A = P @ (K.T @ K + Cp + leakage_weight * C0) + 10.0 * torch.eye(d_in, dtype=F64)
+    expected = torch.linalg.solve(A, P @ K.T @ R).T  # (d_out, d_in)
+
+    leakage = leakage_in_subspace(ns, leakage_weight)
+    torch.testing.assert_close(leakage, leakage_weight * ns.basis.T @ C0 @ ns.basis, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(leakage_in_subspace(ns, leakage_weight, C0), leakage, rtol=1e-9, atol=1e-9)
+    assert rel(alphaedit_delta(K, R, ns, Cp, leakage=leakage), expected) < 1e-9
+    assert rel(alphaedit_delta(K, R, P, Cp, leakage=leakage_weight * C0), expected) < 1e-9
+    # the penalty changes the update (the test would see a dropped term)
+    assert rel(alphaedit_delta(K, R, ns, Cp), expected) > 1e-3
+    with pytest.raises(ValueError, match=r"leakage must be \(r, r\)"):
+        alphaedit_delta(K, R, ns, Cp, leakage=leakage_weight * C0)
+    with pytest.raises(ValueError, match="leakage_weight"):
+        leakage_in_subspace(ns, -1.0)
+
+
+def test_zero_leakage_reproduces_the_update_exactly():
+    C0, _, _, _ = spectrum_c0(seed=23)
+    ns = null_space(C0)
+    K, R, Cp = _problem(24)
+    plain = alphaedit_delta(K, R, ns, Cp)
+    assert torch.equal(alphaedit_delta(K, R, ns, Cp, leakage=leakage_in_subspace(ns, 0.0)), plain)
+
+
+def test_blended_moment_formula():
+    C0, _, _, _ = spectrum_c0(seed=25)
+    _, _, Cp = _problem(26)
+    M = blended_moment(Cp.float(), 40, C0, 3.0)
+    assert M.dtype == F64
+    torch.testing.assert_close(M, (Cp / 40 + 3.0 * C0) / 4.0, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="at least one edit"):
+        blended_moment(Cp, 0, C0, 3.0)
 
 
 def test_alphaedit_full_rank_cache_shape_ambiguity():

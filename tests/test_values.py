@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 
 import pytest
@@ -22,12 +23,12 @@ CONTEXTS = ["{}", "Hello there, said the old man. {}", "Yes. {}"]
 LAYER = 2
 
 
-def reference_values(model, tokenizer, block, request, config):
+def reference_values(model, tokenizer, block, request, config, contexts=CONTEXTS):
     """One request, every prompt its own unpadded forward, full logits, a plain hook. Returns
-    (z, loss, steps)."""
+    (z, loss, steps); ``config.early_stop`` and ``extra_steps`` apply as documented."""
     target = target_token_ids(tokenizer, request.target_new)
     rows = []
-    for template in [*(c.replace("{}", request.prompt) for c in CONTEXTS), config.kl_prompt]:
+    for template in [*(c.replace("{}", request.prompt) for c in contexts), config.kl_prompt]:
         kl = template == config.kl_prompt
         batch = encode_prompts(tokenizer, [template], [request.subject], [[] if kl else target[:-1]])
         rows.append((batch.input_ids, int(batch.subject_last[0]), kl))
@@ -57,11 +58,11 @@ def reference_values(model, tokenizer, block, request, config):
         h0 = captured["h"][rows[0][1]].clone()
     delta = torch.zeros_like(h0, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
-    kl_initial, steps = None, 0
+    kl_initial, steps, most_probable_steps = None, 0, 0
     for step in range(config.num_grad_steps):
         optimizer.zero_grad()
         state["delta"] = delta
-        nlls, kl = [], None
+        nlls, kl, most_probable = [], None, True
         for ids, position, is_kl in rows:
             log_probs = run(ids, position)
             if is_kl:
@@ -72,7 +73,11 @@ def reference_values(model, tokenizer, block, request, config):
             else:
                 start = ids.shape[1] - len(target)  # the position whose logits predict target[0]
                 nlls.append(-torch.stack([log_probs[start + j, t] for j, t in enumerate(target)]).mean())
+                most_probable &= all(int(log_probs[start + j].argmax()) == t for j, t in enumerate(target))
         loss = torch.stack(nlls).mean() + config.kl_factor * kl + config.weight_decay * delta.norm() / h0.norm() ** 2
+        most_probable_steps += most_probable
+        if config.early_stop == "most_probable" and most_probable_steps > config.extra_steps:
+            break
         if loss.item() < config.early_stop_loss or step == config.num_grad_steps - 1:
             break
         loss.backward()
@@ -145,3 +150,68 @@ def test_replay_restores_a_forward_set_on_the_instance():
     with replay_blocks([block], torch.zeros(1, 1, 2), torch.zeros(1)):
         assert block.forward is not own
     assert block.__dict__["forward"] is own
+
+
+def _nearly_most_probable(model, tokenizer, request, contexts, rank):
+    """``request`` with a one-token new target: the ``rank``-th token by its largest gap to the
+    argmax over the rewrite prompts (rank 0 with gap 0: already the argmax everywhere)."""
+    gaps = []
+    with torch.no_grad():
+        for context in contexts:
+            batch = encode_prompts(tokenizer, [context.replace("{}", request.prompt)], [request.subject], [[]])
+            logits = model(input_ids=batch.input_ids).logits[0, -1]  # (V,)
+            gaps.append(logits.max() - logits)
+    worst = torch.stack(gaps).max(0).values  # (V,)
+    token = int(worst.argsort()[rank])
+    word = tokenizer.decode([token]).strip()
+    assert target_token_ids(tokenizer, word) == [token]
+    return dataclasses.replace(request, target_new=word), float(worst[token])
+
+
+def test_most_probable_early_stop_matches_the_one_request_reference():
+    model, tokenizer = tiny_model_and_tokenizer(
+        TinyModelConfig(architecture="llama", tokenizer="words", initializer_range=0.5)
+    )
+    model.requires_grad_(False)
+    targets = ModelTargets(model)
+    contexts = ["{}", "Yes. {}"]
+    stored = read_requests(str(resources.files("lightning_alphaedit") / "data" / "tiny_edits.jsonl"))
+    # request 3 has one argmax over both prompts: made its target, it is most probable at step 0
+    already, gap = _nearly_most_probable(model, tokenizer, stored[3], contexts, 0)
+    assert gap == 0.0
+    # prompts cut after the subject (δ then acts on the predicting position): targets a few
+    # steps away from most probable
+    near = [dataclasses.replace(stored[i], prompt=stored[i].prompt[: stored[i].prompt.index("{}") + 2]) for i in range(3)]
+    requests = [already] + [_nearly_most_probable(model, tokenizer, r, contexts, rank)[0] for r, rank in zip(near, (1, 3, 8))]
+    requests.append(stored[5])  # a many-token target, far from most probable
+    layer = 0
+    for extra in (0, 2):
+        config = ValueOptimizationConfig(num_grad_steps=15, lr=2.0, early_stop="most_probable", extra_steps=extra)
+        reference = [reference_values(model, tokenizer, targets.block(layer), r, config, contexts) for r in requests]
+        steps = [s for _, _, s in reference]
+        assert steps[0] == extra  # stopped at step 0, or after its extra steps
+        stopped_early = [s < config.num_grad_steps - 1 and loss >= config.early_stop_loss for _, loss, s in reference]
+        assert sum(stopped_early) >= 3 and not stopped_early[-1], steps  # the rule, not the loss, stopped them
+        results = []
+        for per_pass in (None, 1, 2):  # the batch at once, one request at a time, 2 + 2 + 1
+            config.requests_per_pass = per_pass
+            results.append(optimize_values(model, tokenizer, targets, requests, layer, contexts, config))
+            assert results[-1].steps.tolist() == steps, (extra, per_pass)
+            # lr 2.0 over a dozen steps carries float32 rounding of the padded batch further than
+            # the default settings do: close to the reference, equal between batchings
+            for i, (z, loss, _) in enumerate(reference):
+                torch.testing.assert_close(results[-1].targets[i].double(), z.double(), rtol=1e-3, atol=1e-3)
+                assert abs(float(results[-1].loss[i]) - loss) < 1e-3 * max(1.0, loss)
+        result = results[0]
+        for other in results[1:]:
+            torch.testing.assert_close(other.targets, result.targets, rtol=1e-4, atol=1e-4)
+    # off: the same requests run to the loss threshold or the cap, never fewer steps
+    off = optimize_values(model, tokenizer, targets, requests, layer, contexts, ValueOptimizationConfig(num_grad_steps=15, lr=2.0))
+    assert (off.steps >= result.steps).all() and (off.steps > result.steps).sum() >= 2
+
+
+def test_early_stop_rule_is_checked():
+    with pytest.raises(ValueError, match="early_stop"):
+        ValueOptimizationConfig(early_stop="argmax")
+    with pytest.raises(ValueError, match="extra_steps"):
+        ValueOptimizationConfig(early_stop="most_probable", extra_steps=-1)

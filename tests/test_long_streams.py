@@ -1,0 +1,186 @@
+"""The long-stream options of AlphaEdit's update on a tiny model: the leakage penalty against the
+explicit d_in x d_in formula, the projector refresh against the blended moment and the
+re-projected cache, and a resume across a refresh against the uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_alphaedit import algebra
+from lightning_alphaedit.corpus import load_corpus
+from lightning_alphaedit.keys import block_outputs, request_keys
+from lightning_alphaedit.requests import read_requests
+from lightning_alphaedit.statistics import collect_key_moments
+from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
+from lightning_alphaedit.update import SequentialEditor, check_long_stream_options
+
+TINY_EDITS = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+LAYERS = [1, 2]
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_model_and_tokenizer(TinyModelConfig(tokenizer="words", initializer_range=0.1))
+    model.requires_grad_(False)
+    targets = ModelTargets(model)
+    moments = collect_key_moments(model, tok, targets, LAYERS, load_corpus("tiny-corpus").texts, 128)
+    return model, tok, targets, moments, read_requests(TINY_EDITS)[:16]
+
+
+def weights(targets) -> dict[int, torch.Tensor]:
+    return {layer: targets.weight(layer).detach().clone() for layer in LAYERS}
+
+
+def set_weights(targets, saved) -> None:
+    with torch.no_grad():
+        for layer, weight in saved.items():
+            targets.weight(layer).copy_(weight)
+
+
+def goal_of(tiny, batch: int) -> torch.Tensor:
+    """Seeded target values for batch ``batch`` of the unedited model."""
+    model, tok, targets, _, requests = tiny
+    chunk = requests[batch * BATCH : (batch + 1) * BATCH]
+    current = block_outputs(model, tok, targets, chunk, LAYERS[-1])  # (u, d)
+    return current + 0.5 * torch.randn(current.shape, generator=torch.Generator().manual_seed(batch))
+
+
+def apply(tiny, editor: SequentialEditor, batch: int, goal: torch.Tensor):
+    model, tok, targets, _, requests = tiny
+    chunk = requests[batch * BATCH : (batch + 1) * BATCH]
+    outcome = editor.apply_batch(
+        goal,
+        keys_at=lambda layer: request_keys(model, tok, targets, chunk, layer, ["{}"]),
+        current_values=lambda: block_outputs(model, tok, targets, chunk, LAYERS[-1]),
+    )
+    assert outcome.applied, outcome.reason
+    return outcome
+
+
+def run(tiny, batches: range, goals, **options) -> tuple[SequentialEditor, dict[int, torch.Tensor]]:
+    editor = SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, **options)
+    for batch in batches:
+        apply(tiny, editor, batch, goals[batch])
+    return editor, weights(tiny[2])
+
+
+@pytest.fixture(scope="module")
+def goals(tiny):
+    return [goal_of(tiny, b) for b in range(4)]
+
+
+@pytest.fixture
+def unedited(tiny):
+    saved = weights(tiny[2])
+    yield saved
+    set_weights(tiny[2], saved)
+
+
+def test_options_off_reproduce_the_update_exactly(tiny, goals, unedited):
+    _, plain = run(tiny, range(2), goals)
+    set_weights(tiny[2], unedited)
+    _, zero = run(tiny, range(2), goals, leakage_weight=0.0)
+    set_weights(tiny[2], unedited)
+    # a refresh that never comes keeps the full cache but changes nothing
+    editor, never = run(tiny, range(2), goals, refresh_every=10_000)
+    for layer in LAYERS:
+        assert torch.equal(zero[layer], plain[layer]) and torch.equal(never[layer], plain[layer])
+        assert not torch.equal(plain[layer], unedited[layer])
+    assert editor.edits == 2 * BATCH
+
+
+def test_leakage_penalty_matches_the_full_formula_on_a_model(tiny, goals, unedited):
+    model, tok, targets, moments, requests = tiny
+    leakage_weight = 50.0
+    chunk = requests[:BATCH]
+    keys = request_keys(model, tok, targets, chunk, 2, ["{}"]).double()  # (u, d_in)
+    residuals = (goals[0] - block_outputs(model, tok, targets, chunk, 2)).double()  # (u, d_out)
+    before = targets.linear_weight(2).detach().clone()  # (d_out, d_in)
+    editor = SequentialEditor(targets, [2], moments, l2=1.0, leakage_weight=leakage_weight)
+    apply(tiny, editor, 0, goals[0])
+    change = (targets.linear_weight(2).detach() - before).double()
+    # the explicit d_in x d_in solve: delta^T = (P (K^T K + λ1 C0) + λ I)^-1 P K^T R
+    c0 = moments[2].mean().double()
+    space = algebra.null_space(c0)
+    P = space.basis @ space.basis.T
+    d_in = c0.shape[0]
+    A = P @ (keys.T @ keys + leakage_weight * c0) + 1.0 * torch.eye(d_in, dtype=torch.float64)
+    expected = torch.linalg.solve(A, P @ keys.T @ residuals).T  # (d_out, d_in)
+    assert ((change - expected).norm() / expected.norm()) < 1e-4
+    without = torch.linalg.solve(P @ (keys.T @ keys) + torch.eye(d_in, dtype=torch.float64), P @ keys.T @ residuals).T
+    assert ((change - without).norm() / without.norm()) > 1e-3  # the penalty did something
+
+
+def test_refresh_rebuilds_the_null_space_and_reprojects_the_cache(tiny, goals, unedited):
+    model, tok, targets, moments, requests = tiny
+    leakage_weight = 10.0
+    editor = SequentialEditor(targets, LAYERS, moments, l2=1.0, leakage_weight=leakage_weight, refresh_every=2 * BATCH)
+    original = {layer: editor.null_spaces[layer].basis.clone() for layer in LAYERS}
+    full = {layer: torch.zeros_like(moments[layer].mean(), dtype=torch.float64) for layer in LAYERS}
+    for batch in range(3):
+        apply(tiny, editor, batch, goals[batch])
+        chunk = requests[batch * BATCH : (batch + 1) * BATCH]
+        for layer in LAYERS:  # the keys of the edited model, as the cache takes them
+            k = request_keys(model, tok, targets, chunk, layer, ["{}"]).double()
+            full[layer] += k.T @ k
+        for layer in LAYERS:
+            torch.testing.assert_close(editor.full_caches[layer].double(), full[layer], rtol=1e-5, atol=1e-4)
+        if batch == 0:  # before the refresh: C0's null space
+            assert all(torch.equal(editor.null_spaces[layer].basis, original[layer]) for layer in LAYERS)
+        if batch == 1:  # the refresh after 8 edits: the null space of the blend, written here
+            for layer in LAYERS:
+                c0 = moments[layer].mean().double()
+                blend = (full[layer] / (2 * BATCH) + leakage_weight * c0) / (leakage_weight + 1)
+                values, vectors = torch.linalg.eigh(blend)
+                kept = vectors[:, values < 2e-2]  # (d_in, r')
+                basis = editor.null_spaces[layer].basis.double()
+                assert basis.shape == kept.shape
+                torch.testing.assert_close(basis @ basis.T, kept @ kept.T, rtol=0, atol=1e-4)
+                torch.testing.assert_close(
+                    editor.leakages[layer].double(), leakage_weight * basis.T @ c0 @ basis, rtol=1e-4, atol=1e-5
+                )
+                assert basis.shape != original[layer].shape or not torch.allclose(basis.float(), original[layer])
+        if batch >= 1:  # the subspace cache is the full cache in the current basis
+            for layer in LAYERS:
+                basis = editor.null_spaces[layer].basis.double()
+                torch.testing.assert_close(
+                    editor.caches[layer].double(), basis.T @ full[layer] @ basis, rtol=1e-4, atol=1e-3
+                )
+
+
+def test_resume_across_a_refresh_equals_the_uninterrupted_run(tiny, goals, unedited, tmp_path):
+    options = dict(leakage_weight=10.0, refresh_every=BATCH + 2)  # refreshes after batches 2 and 3
+    _, uninterrupted = run(tiny, range(4), goals, **options)
+    set_weights(tiny[2], unedited)
+    first, _ = run(tiny, range(2), goals, **options)
+    torch.save({"editor": first.state_dict(), "weights": weights(tiny[2])}, tmp_path / "state.pt")
+    set_weights(tiny[2], unedited)  # a fresh process: the unedited model, a new editor
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, **options)
+    resumed.load_state_dict(state["editor"])
+    set_weights(tiny[2], state["weights"])
+    assert resumed.edits == 2 * BATCH
+    for batch in range(2, 4):
+        apply(tiny, resumed, batch, goals[batch])
+    for layer in LAYERS:
+        assert torch.equal(weights(tiny[2])[layer], uninterrupted[layer])
+    # a checkpoint without the refresh state is refused, not silently used
+    plain, _ = run(tiny, range(0), goals)
+    with pytest.raises(ValueError, match="without refresh_every"):
+        SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, **options).load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("method, leakage, every, message", [
+    ("alphaedit", -1.0, None, "leakage_weight must be"),
+    ("alphaedit", 0.0, 0, "refresh_every must be"),
+    ("memit", 10.0, None, "apply to the alphaedit method"),
+    ("memit", 0.0, 100, "apply to the alphaedit method"),
+])
+def test_bad_options_are_refused(method, leakage, every, message):
+    with pytest.raises(ValueError, match=message):
+        check_long_stream_options(method, leakage, every)
