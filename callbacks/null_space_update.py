@@ -40,9 +40,11 @@ from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.strategy import EditingDDPStrategy
 from lightning_alphaedit.timing import peak_memory, timed
 from lightning_alphaedit.update import (
+    MAX_UPDATE_RATIO,
     RECT_FRACTION,
     SequentialEditor,
     check_method,
+    check_update_ratio,
     method_label,
 )
 
@@ -73,7 +75,11 @@ class NullSpaceUpdate(pl.Callback):
             most a threshold fraction of the total), ``fraction`` (that fraction of the dimension).
         mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
         statistics: How C0 is collected and cached.
-        on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
+        on_rejected: A batch whose update is not finite (or beyond ``max_update_ratio``) is rolled back; then
+            ``continue`` or ``stop`` the run.
+        max_update_ratio: A batch is rejected and rolled back when a layer's update has a Frobenius norm
+            above this many times the layer's weight norm (normal updates are far below 1; a vanishing
+            ``l2`` gives updates of 1e13). null = no bound.
         export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
         export_dir: Where to save it; None = ``<run directory>/edited_model``.
         baseline: Measure the unedited model on the whole stream before the first edit, so
@@ -103,8 +109,11 @@ class NullSpaceUpdate(pl.Callback):
         rect_fraction: float = RECT_FRACTION,
         finetune: FineTuneConfig = FineTuneConfig(),
         checkpoint: bool = True,
+        max_update_ratio: float | None = MAX_UPDATE_RATIO,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        check_update_ratio(max_update_ratio)
+        self.max_update_ratio = max_update_ratio
         if on_rejected not in REJECTION_POLICIES:
             raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
         if not layers or list(layers) != sorted(set(layers)):
@@ -175,7 +184,7 @@ class NullSpaceUpdate(pl.Callback):
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
                 nullspace_rule=self.nullspace_rule, projection=self.projection, rect_fraction=self.rect_fraction,
-                collective=self.collective,
+                collective=self.collective, max_update_ratio=self.max_update_ratio,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)

@@ -274,3 +274,25 @@ def test_bf16_true_precision_edits_a_bfloat16_model(tmp_path):
     assert all(c.dtype == torch.float32 for c in update.editor.caches.values())
     exported = load_file(str(tmp_path / "export-alphaedit" / DELTAS_FILE))
     assert exported and all(torch.isfinite(d.float()).all() and d.abs().max() > 0 for d in exported.values())
+
+
+def test_a_finite_but_absurd_update_is_rejected_and_rolled_back(tmp_path):
+    # λ = 1e-30 leaves the AlphaEdit solve nearly singular: finite updates many times ||W||
+    module, data, update = build(tmp_path, l2=1e-30, limit=8, max_update_ratio=None)
+    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    assert update.edits_applied == 8  # without a bound it is applied, and it is absurd
+    weights = {layer: update._original_weights[layer].float().norm() for layer in LAYERS}
+    ratios = {layer: float(d.norm() / weights[int(layer)]) for layer, d in
+              zip(LAYERS, update.deltas(module).values())}
+    assert max(ratios.values()) > 10, ratios
+
+    module, data, update = build(tmp_path, l2=1e-30, limit=8)  # the default bound: 10 x ||W||
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    assert update.edits_applied == 0 and len(update.rejected) == 2
+    assert "exceeds 10 x the weight's norm" in update.rejected[0]["reason"], update.rejected
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name]), name
+    with pytest.raises(ValueError, match="max_update_ratio"):
+        build(tmp_path, max_update_ratio=0.0)
