@@ -51,6 +51,9 @@ from lightning_alphaedit.update import (
 log = logging.getLogger(__name__)
 
 REJECTION_POLICIES = ("continue", "stop")
+NO_CHANGE = 1e-6
+"""An applied batch whose update is below this fraction of every edited weight's norm (float32
+rounding level) changed nothing: it is reported as such."""
 
 
 class NullSpaceUpdate(pl.Callback):
@@ -273,6 +276,7 @@ class NullSpaceUpdate(pl.Callback):
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
             )
+        reached = self._targets_reached(outputs["values"], len(requests), pl_module)
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
             self.timing[phase] = self.timing.get(phase, 0.0) + seconds
@@ -282,6 +286,7 @@ class NullSpaceUpdate(pl.Callback):
             self.applied_requests.extend(requests)
             for layer, norm in outcome.delta_norms.items():
                 pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
+            self._warn_if_unchanged(outcome, reached, batch_idx, pl_module)
         else:
             self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
             log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
@@ -293,7 +298,8 @@ class NullSpaceUpdate(pl.Callback):
         pl_module.log("edit/batch_seconds", seconds, batch_size=len(requests))
         result = outputs["values"]
         loss = (
-            f"value loss {float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps"
+            f"value loss {float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, "
+            f"{reached['reached']} of {len(requests)} targets reached"
             if result is not None else "fine-tuned"
         )
         rank_zero_info(
@@ -301,6 +307,35 @@ class NullSpaceUpdate(pl.Callback):
             f"({', '.join(f'{k} {v:.1f}' for k, v in {**outputs['seconds'], **outcome.seconds}.items())}); "
             f"{self.edits_applied} of {len(trainer.datamodule.requests)} edits applied"
         )
+
+    def _targets_reached(self, result, size: int, pl_module) -> dict[str, int]:
+        """Over the whole batch (every rank's share): requests whose new target the value step made
+        the argmax at every target position (``reached``), and those whose z* is exactly z0 (``unmoved``)."""
+        if self.method == "ft":
+            return {}
+        counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
+        if result is not None:
+            counts[0] = result.reached.sum()
+            counts[1] = (result.targets == result.initial).all(dim=1).sum()
+        reached, unmoved = self.collective.sum_(counts).tolist()
+        pl_module.log("edit/targets_reached", float(reached), batch_size=size)
+        return {"reached": reached, "unmoved": unmoved, "size": size}
+
+    def _warn_if_unchanged(self, outcome, reached: dict[str, int], batch_idx: int, pl_module) -> None:
+        """An applied batch that changed nothing (z* = z0 for every request, or an update below
+        ``NO_CHANGE`` x ||W|| at every layer) is said so: it counts as applied, but edits nothing."""
+        targets = pl_module.targets
+        ratios = {
+            layer: norm / max(float(targets.linear_weight(layer).detach().float().norm()), 1e-30)
+            for layer, norm in outcome.delta_norms.items()
+        }
+        unmoved = bool(reached) and reached["unmoved"] == reached["size"]
+        if unmoved or (ratios and max(ratios.values()) < NO_CHANGE):
+            log.warning(
+                "edit batch %d changed nothing: %s (check model.values.lr and the value step)", batch_idx,
+                "the value step left every target value z* equal to z0" if unmoved
+                else f"the update's norm is below {NO_CHANGE:g} x the weight's at every layer ({ratios})",
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.datamodule.exhausted:

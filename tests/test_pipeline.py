@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -220,8 +221,11 @@ def test_malformed_record_fails_before_any_weight_changes(tmp_path):
 
 
 def test_non_finite_update_is_rolled_back(tmp_path):
-    # lr = inf makes δ (hence the target values and every layer's update) non-finite
-    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=3, lr=float("inf")), limit=8)
+    # lr = inf makes δ (hence the target values and every layer's update) non-finite; the config
+    # refuses it, so it is set after the check: the editor's own guard is what is tested here
+    values = ValueOptimizationConfig(num_grad_steps=3)
+    values.lr = float("inf")
+    module, data, update = build(tmp_path, values=values, limit=8)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
     trainer(tmp_path, [update]).fit(module, datamodule=data)
@@ -296,3 +300,21 @@ def test_a_finite_but_absurd_update_is_rejected_and_rolled_back(tmp_path):
         assert torch.equal(param, before[name]), name
     with pytest.raises(ValueError, match="max_update_ratio"):
         build(tmp_path, max_update_ratio=0.0)
+
+
+@pytest.mark.parametrize("lr", [1e30, 1.0])
+def test_a_batch_that_changes_nothing_is_reported(tmp_path, caplog, lr):
+    # lr 1e30: δ overflows and the norm clamp brings it back to 0, so z* = z0 and the update is ~0
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=3, lr=lr), limit=8)
+    pl_trainer = trainer(tmp_path, [update])
+    with caplog.at_level(logging.WARNING, logger="lightning_alphaedit"):
+        pl_trainer.fit(module, datamodule=data)
+    unchanged = [r for r in caplog.records if "changed nothing" in r.getMessage()]
+    ratio = max(float(d.norm() / update._original_weights[layer].float().norm())
+                for layer, d in zip(LAYERS, update.deltas(module).values()))
+    if lr == 1e30:
+        assert len(unchanged) == 2 and "z* equal to z0" in unchanged[0].getMessage()
+        assert ratio < 1e-6
+        assert float(pl_trainer.callback_metrics["edit/targets_reached"]) == 0.0
+    else:
+        assert unchanged == [] and ratio > 1e-3

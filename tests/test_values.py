@@ -24,7 +24,8 @@ LAYER = 2
 
 def reference_values(model, tokenizer, block, request, config):
     """One request, every prompt its own unpadded forward, full logits, a plain hook. Returns
-    (z, loss, steps)."""
+    (z, loss, steps, reached): reached = the target is the argmax at each of its positions in every
+    rewrite prompt, at the final δ."""
     target = target_token_ids(tokenizer, request.target_new)
     rows = []
     for template in [*(c.replace("{}", request.prompt) for c in CONTEXTS), config.kl_prompt]:
@@ -61,7 +62,7 @@ def reference_values(model, tokenizer, block, request, config):
     for step in range(config.num_grad_steps):
         optimizer.zero_grad()
         state["delta"] = delta
-        nlls, kl = [], None
+        nlls, kl, reached = [], None, True
         for ids, position, is_kl in rows:
             log_probs = run(ids, position)
             if is_kl:
@@ -72,6 +73,7 @@ def reference_values(model, tokenizer, block, request, config):
             else:
                 start = ids.shape[1] - len(target)  # the position whose logits predict target[0]
                 nlls.append(-torch.stack([log_probs[start + j, t] for j, t in enumerate(target)]).mean())
+                reached &= all(int(log_probs[start + j].argmax()) == t for j, t in enumerate(target))
         loss = torch.stack(nlls).mean() + config.kl_factor * kl + config.weight_decay * delta.norm() / h0.norm() ** 2
         if loss.item() < config.early_stop_loss or step == config.num_grad_steps - 1:
             break
@@ -82,7 +84,7 @@ def reference_values(model, tokenizer, block, request, config):
             max_norm = config.clamp_norm_factor * h0.norm()
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return (h0 + delta).detach(), loss.item(), steps
+    return (h0 + delta).detach(), loss.item(), steps, reached
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
@@ -96,7 +98,7 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
     config = ValueOptimizationConfig(num_grad_steps=6, lr=1.0, clamp_norm_factor=0.5)
     reference = [reference_values(model, tokenizer, targets.block(LAYER), r, config) for r in requests]
     # an early-stop threshold between the requests' final losses: some stop early, some do not
-    losses = sorted(loss for _, loss, _ in reference)
+    losses = sorted(loss for _, loss, _, _ in reference)
     config.early_stop_loss = (losses[0] + losses[1]) / 2 + 1e-3
     reference = [reference_values(model, tokenizer, targets.block(LAYER), r, config) for r in requests]
     # the replay on and off; the batch whole and in passes of 2 requests (2 + 1)
@@ -104,8 +106,9 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
         config.reuse_lower_layers, config.requests_per_pass = reuse, per_pass
         result = optimize_values(model, tokenizer, targets, requests, LAYER, CONTEXTS, config)
         assert result.targets.shape[0] == len(requests)
-        for i, (z, loss, steps) in enumerate(reference):
+        for i, (z, loss, steps, reached) in enumerate(reference):
             assert int(result.steps[i]) == steps, (reuse, per_pass, i)
+            assert bool(result.reached[i]) == reached, (reuse, per_pass, i)
             torch.testing.assert_close(result.targets[i].double(), z.double(), rtol=1e-4, atol=1e-5)
             assert abs(float(result.loss[i]) - loss) < 1e-4 * max(1.0, loss)
 
@@ -145,3 +148,42 @@ def test_replay_restores_a_forward_set_on_the_instance():
     with replay_blocks([block], torch.zeros(1, 1, 2), torch.zeros(1)):
         assert block.forward is not own
     assert block.__dict__["forward"] is own
+
+
+def test_reached_targets_match_an_independent_forward():
+    """``reached`` says, per request, whether its new target is the argmax at each target position
+    with z* in place: checked by a plain hook on one unpadded prompt, on a set-up where some
+    requests reach their target and some do not."""
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(architecture="gpt2", tokenizer="words", initializer_range=0.2))
+    model.requires_grad_(False)
+    targets = ModelTargets(model)
+    requests = read_requests(str(resources.files("lightning_alphaedit") / "data" / "tiny_edits.jsonl"))[:6]
+    config = ValueOptimizationConfig(num_grad_steps=40, lr=1.0, clamp_norm_factor=100.0, weight_decay=0.0, kl_factor=0.0)
+    result = optimize_values(model, tokenizer, targets, requests, 1, ["{}"], config)
+    expected = []
+    for i, request in enumerate(requests):
+        target = target_token_ids(tokenizer, request.target_new)
+        batch = encode_prompts(tokenizer, [request.prompt], [request.subject], [target[:-1]])
+        position = int(batch.subject_last[0])
+
+        def put_z(module, args, output, z=result.targets[i]):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            hidden[0, position] = z
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = targets.block(1).register_forward_hook(put_z)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=batch.input_ids).logits[0]  # (t, V)
+        finally:
+            handle.remove()
+        start = batch.input_ids.shape[1] - len(target)
+        expected.append(all(int(logits[start + j].argmax()) == t for j, t in enumerate(target)))
+    assert result.reached.tolist() == expected
+    assert 0 < sum(expected) < len(requests), expected  # both outcomes occur
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("inf"), float("nan")])
+def test_a_learning_rate_that_cannot_edit_is_refused_at_config_time(lr):
+    with pytest.raises(ValueError, match="values.lr must be a positive finite number"):
+        ValueOptimizationConfig(lr=lr)
