@@ -91,11 +91,12 @@ class EditStreamDataModule(pl.LightningDataModule):
                 return packaged
         return path
 
-    def load(self, tokenizer=None) -> list[EditRequest]:
-        """Read and validate the whole stream (before anything is edited)."""
+    def load(self, tokenizer=None, max_tokens: int | None = None) -> list[EditRequest]:
+        """Read and validate the whole stream (before anything is edited); with ``max_tokens``
+        every prompt and its answer must fit in that many tokens."""
         requests = read_requests(self.source, format=self.format)
         if tokenizer is not None:
-            validate_requests(requests, tokenizer, source=str(self.source))
+            validate_requests(requests, tokenizer, source=str(self.source), max_tokens=max_tokens)
         if self.shuffle:
             random.Random(self.seed).shuffle(requests)
         if self.limit is not None:
@@ -105,7 +106,8 @@ class EditStreamDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if not self.requests:
             module = self.trainer.lightning_module if self.trainer is not None else None
-            self.requests = self.load(getattr(module, "tokenizer", None))
+            limit = module.max_request_tokens() if hasattr(module, "max_request_tokens") else None
+            self.requests = self.load(getattr(module, "tokenizer", None), limit)
 
     @property
     def chunk_size(self) -> int:

@@ -318,3 +318,24 @@ def test_a_batch_that_changes_nothing_is_reported(tmp_path, caplog, lr):
         assert float(pl_trainer.callback_metrics["edit/targets_reached"]) == 0.0
     else:
         assert unchanged == [] and ratio > 1e-3
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_edit(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+    lines = source.read_text().splitlines()
+    record = json.loads(lines[5])
+    record["paraphrase_prompts"][0] = "The " * 25_000 + record["paraphrase_prompts"][0]  # 100k characters
+    lines[5] = json.dumps(record)
+    long = tmp_path / "long_edits.jsonl"
+    long.write_text("\n".join(lines) + "\n")
+    module, data, update = build(tmp_path, path=str(long), baseline=False)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    with pytest.raises(EditDataError) as error:
+        trainer(tmp_path, [update]).fit(module, datamodule=data)
+    message = str(error.value)
+    assert "long_edits.jsonl: record 5" in message and "field 'paraphrase_prompts[0]'" in message, message
+    assert f"exceed the {256 - module.context.length} tokens" in message  # 256 positions less the context prefix
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name])
+    assert update.edits_applied == 0 and not (tmp_path / "stats").exists()  # before the statistics too
