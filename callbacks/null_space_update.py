@@ -36,6 +36,7 @@ from lightning_alphaedit.export import (
 from lightning_alphaedit.finetune import FineTuneConfig, finetune
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.resume import check_edit_settings, edit_settings
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.strategy import EditingDDPStrategy
 from lightning_alphaedit.timing import peak_memory, timed
@@ -148,6 +149,7 @@ class NullSpaceUpdate(pl.Callback):
         self._batch_started = time.perf_counter()
         self._original_weights: dict[int, torch.Tensor] = {}
         self._restored: dict | None = None
+        self._edit_settings: dict = {}  # what decides the edits, checked against a checkpoint's
 
     # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
 
@@ -170,6 +172,10 @@ class NullSpaceUpdate(pl.Callback):
             raise RuntimeError("NullSpaceUpdate needs an EditStreamDataModule passed to trainer.fit(datamodule=...)")
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise RuntimeError("edit epochs serve successive chunks: set Trainer(reload_dataloaders_every_n_epochs=1)")
+        # a resumed run: what decides the edits must be the checkpoint's, before any statistics
+        self._edit_settings = edit_settings(self, pl_module, trainer.datamodule)
+        if self._restored and "settings" in self._restored:
+            check_edit_settings(self._restored["settings"], self._edit_settings)
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
@@ -449,6 +455,7 @@ class NullSpaceUpdate(pl.Callback):
             "rejected": list(self.rejected),
             "history": list(self.history),
             "timing": dict(self.timing),
+            "settings": dict(self._edit_settings),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -339,3 +339,40 @@ def test_a_prompt_longer_than_the_context_is_refused_before_any_edit(tmp_path):
     for name, param in module.lm.named_parameters():
         assert torch.equal(param, before[name])
     assert update.edits_applied == 0 and not (tmp_path / "stats").exists()  # before the statistics too
+
+
+def test_resume_with_other_edit_settings_is_refused_before_any_statistics(tmp_path):
+    first, data, update = build(tmp_path)
+    trainer(tmp_path, [update], max_epochs=1).fit(first, datamodule=data)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert update.edits_applied == 8 and ckpt.exists()
+
+    # other layers: refused at fit start, the setting named with both values, no statistics collected
+    module, data, _ = build(tmp_path)
+    stats = tmp_path / "other-stats"
+    other_layers = NullSpaceUpdate(
+        layers=[1, 3], mom2_weight=100.0, export=False,
+        statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
+                                    cache_dir=str(stats), progress=False),
+    )
+    with pytest.raises(ValueError, match=r"edit\.layers: \[1, 2\] in the checkpoint, \[1, 3\] in this run"):
+        trainer(tmp_path / "b", [other_layers]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert not stats.exists()
+
+    # another value step
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=25, lr=0.5, clamp_norm_factor=10.0))
+    with pytest.raises(ValueError, match=r"model\.values\.lr: 1\.0 in the checkpoint, 0\.5 in this run"):
+        trainer(tmp_path / "c", [update]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+
+    # the same case ids, other content: the data file changed since the checkpoint
+    source = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+    lines = source.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["target_new"] = "Oslo" if record["target_new"] != "Oslo" else "Paris"
+    lines[2] = json.dumps(record)
+    changed = tmp_path / "tiny_edits.jsonl"
+    changed.write_text("\n".join(lines) + "\n")
+    module, data, update = build(tmp_path, path=str(changed))
+    with pytest.raises(ValueError, match="same case ids but other content"):
+        trainer(tmp_path / "d", [update]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert update.edits_applied == 0
