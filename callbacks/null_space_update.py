@@ -249,6 +249,8 @@ class NullSpaceUpdate(pl.Callback):
             self._write_history(trainer)
 
     def _restore(self, state: dict, pl_module) -> None:
+        if "settings" in state:  # strategies that restore after on_fit_start are checked here
+            check_edit_settings(state["settings"], self._edit_settings)
         self.editor.load_state_dict(state["editor"])
         with torch.no_grad():
             for layer in self.layers:
