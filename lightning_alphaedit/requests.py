@@ -802,11 +802,9 @@ def validate_requests(
             raise where.error(field, f"{text!r} tokenizes to unknown tokens only ({tokenizer.unk_token!r})")
     for index, request in enumerate(requests):
         if request.target_true is not None and request.target_new.strip() == request.target_true.strip():
-            where = _Where(source, index, None, request.case_id)
-            warnings.warn(
-                where.error("target_new", f"equals target_true ({request.target_true!r}): the edit changes nothing").args[0],
-                EditDataWarning, stacklevel=2,
-            )
+            problem = f"equals target_true ({request.target_true!r}): the edit changes nothing"
+            message = _compose_message(problem, source, index, None, request.case_id, "target_new")
+            warnings.warn(message, EditDataWarning, stacklevel=2)
     if max_tokens is not None:
         answers = {(w.index, f): len(ids) for (w, f, _), ids in zip(checked, token_ids, strict=True)}
         _check_lengths(requests, tokenizer, source, max_tokens, answers)
