@@ -36,20 +36,26 @@ from lightning_alphaedit.export import (
 from lightning_alphaedit.finetune import FineTuneConfig, finetune
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
+from lightning_alphaedit.resume import check_edit_settings, edit_settings
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.strategy import EditingDDPStrategy
 from lightning_alphaedit.timing import EDIT_PHASES, peak_memory, timed
 from lightning_alphaedit.update import (
+    MAX_UPDATE_RATIO,
     RECT_FRACTION,
     SequentialEditor,
     check_long_stream_options,
     check_method,
+    check_update_ratio,
     method_label,
 )
 
 log = logging.getLogger(__name__)
 
 REJECTION_POLICIES = ("continue", "stop")
+NO_CHANGE = 1e-6
+"""An applied batch whose update is below this fraction of every edited weight's norm (float32
+rounding level) changed nothing: it is reported as such."""
 
 
 class NullSpaceUpdate(pl.Callback):
@@ -74,7 +80,11 @@ class NullSpaceUpdate(pl.Callback):
             most a threshold fraction of the total), ``fraction`` (that fraction of the dimension).
         mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
         statistics: How C0 is collected and cached.
-        on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
+        on_rejected: A batch whose update is not finite (or beyond ``max_update_ratio``) is rolled back; then
+            ``continue`` or ``stop`` the run.
+        max_update_ratio: A batch is rejected and rolled back when a layer's update has a Frobenius norm
+            above this many times the layer's weight norm (normal updates are far below 1; a vanishing
+            ``l2`` gives updates of 1e13). null = no bound.
         export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
         export_dir: Where to save it; None = ``<run directory>/edited_model``.
         baseline: Measure the unedited model on the whole stream before the first edit, so
@@ -110,11 +120,14 @@ class NullSpaceUpdate(pl.Callback):
         rect_fraction: float = RECT_FRACTION,
         finetune: FineTuneConfig = FineTuneConfig(),
         checkpoint: bool = True,
+        max_update_ratio: float | None = MAX_UPDATE_RATIO,
         leakage_weight: float = 0.0,
         refresh_every: int | None = None,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        check_update_ratio(max_update_ratio)
         check_long_stream_options(method, leakage_weight, refresh_every)
+        self.max_update_ratio = max_update_ratio
         self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
         if on_rejected not in REJECTION_POLICIES:
             raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
@@ -147,6 +160,7 @@ class NullSpaceUpdate(pl.Callback):
         self._batch_started = time.perf_counter()
         self._original_weights: dict[int, torch.Tensor] = {}
         self._restored: dict | None = None
+        self._edit_settings: dict = {}  # what decides the edits, checked against a checkpoint's
 
     # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
 
@@ -169,6 +183,10 @@ class NullSpaceUpdate(pl.Callback):
             raise RuntimeError("NullSpaceUpdate needs an EditStreamDataModule passed to trainer.fit(datamodule=...)")
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise RuntimeError("edit epochs serve successive chunks: set Trainer(reload_dataloaders_every_n_epochs=1)")
+        # a resumed run: what decides the edits must be the checkpoint's, before any statistics
+        self._edit_settings = edit_settings(self, pl_module, trainer.datamodule)
+        if self._restored and "settings" in self._restored:
+            check_edit_settings(self._restored["settings"], self._edit_settings)
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
@@ -186,7 +204,8 @@ class NullSpaceUpdate(pl.Callback):
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
                 nullspace_rule=self.nullspace_rule, projection=self.projection, rect_fraction=self.rect_fraction,
-                collective=self.collective, leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
+                collective=self.collective, max_update_ratio=self.max_update_ratio,
+                leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
@@ -242,6 +261,8 @@ class NullSpaceUpdate(pl.Callback):
             self._write_history(trainer)
 
     def _restore(self, state: dict, pl_module) -> None:
+        if "settings" in state:  # strategies that restore after on_fit_start are checked here
+            check_edit_settings(state["settings"], self._edit_settings)
         self.editor.load_state_dict(state["editor"])
         with torch.no_grad():
             for layer in self.layers:
@@ -275,6 +296,7 @@ class NullSpaceUpdate(pl.Callback):
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
             )
+        reached = self._targets_reached(outputs["values"], len(requests), pl_module)
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
             self.timing[phase] = self.timing.get(phase, 0.0) + seconds
@@ -284,6 +306,7 @@ class NullSpaceUpdate(pl.Callback):
             self.applied_requests.extend(requests)
             for layer, norm in outcome.delta_norms.items():
                 pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
+            self._warn_if_unchanged(outcome, reached, batch_idx, pl_module)
         else:
             self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
             log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
@@ -295,7 +318,8 @@ class NullSpaceUpdate(pl.Callback):
         pl_module.log("edit/batch_seconds", seconds, batch_size=len(requests))
         result = outputs["values"]
         loss = (
-            f"value loss {float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps"
+            f"value loss {float(result.loss.mean()):.3f} after {float(result.steps.float().mean()):.1f} steps, "
+            f"{reached['reached']} of {len(requests)} targets reached"
             if result is not None else "fine-tuned"
         )
         rank_zero_info(
@@ -303,6 +327,35 @@ class NullSpaceUpdate(pl.Callback):
             f"({', '.join(f'{k} {v:.1f}' for k, v in {**outputs['seconds'], **outcome.seconds}.items())}); "
             f"{self.edits_applied} of {len(trainer.datamodule.requests)} edits applied"
         )
+
+    def _targets_reached(self, result, size: int, pl_module) -> dict[str, int]:
+        """Over the whole batch (every rank's share): requests whose new target the value step made
+        the argmax at every target position (``reached``), and those whose z* is exactly z0 (``unmoved``)."""
+        if self.method == "ft":
+            return {}
+        counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)
+        if result is not None:
+            counts[0] = result.reached.sum()
+            counts[1] = (result.targets == result.initial).all(dim=1).sum()
+        reached, unmoved = self.collective.sum_(counts).tolist()
+        pl_module.log("edit/targets_reached", float(reached), batch_size=size)
+        return {"reached": reached, "unmoved": unmoved, "size": size}
+
+    def _warn_if_unchanged(self, outcome, reached: dict[str, int], batch_idx: int, pl_module) -> None:
+        """An applied batch that changed nothing (z* = z0 for every request, or an update below
+        ``NO_CHANGE`` x ||W|| at every layer) is said so: it counts as applied, but edits nothing."""
+        targets = pl_module.targets
+        ratios = {
+            layer: norm / max(float(targets.linear_weight(layer).detach().float().norm()), 1e-30)
+            for layer, norm in outcome.delta_norms.items()
+        }
+        unmoved = bool(reached) and reached["unmoved"] == reached["size"]
+        if unmoved or (ratios and max(ratios.values()) < NO_CHANGE):
+            log.warning(
+                "edit batch %d changed nothing: %s (check model.values.lr and the value step)", batch_idx,
+                "the value step left every target value z* equal to z0" if unmoved
+                else f"the update's norm is below {NO_CHANGE:g} x the weight's at every layer ({ratios})",
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.datamodule.exhausted:
@@ -418,6 +471,7 @@ class NullSpaceUpdate(pl.Callback):
             "rejected": list(self.rejected),
             "history": list(self.history),
             "timing": dict(self.timing),
+            "settings": dict(self._edit_settings),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

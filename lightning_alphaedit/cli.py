@@ -33,6 +33,7 @@ from lightning_alphaedit.export import run_directory
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.module import AlphaEditModule
 from lightning_alphaedit.report import main as report_main
+from lightning_alphaedit.resume import read_checkpoint, report_differences
 from lightning_alphaedit.spectrum import SpectrumConfig, parse_rule, spectrum_rows
 from lightning_alphaedit.spectrum import eigenvalues as spectrum_eigenvalues
 from lightning_alphaedit.spectrum import format_table as format_spectrum
@@ -66,6 +67,23 @@ class AlphaEditCLI(LightningCLI):
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
         parser.add_class_arguments(SpectrumConfig, "spectrum", fail_untyped=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """A ``ckpt_path`` must be one of this framework's checkpoints (refused clearly otherwise).
+
+        LightningCLI would replace the ``model`` options with the checkpoint's hyperparameters,
+        silently overriding those given now; here this run's options are kept, each difference is
+        logged, and what decides the edits is compared with the checkpoint's at fit start."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        given = self.config[subcommand]["model"]
+        report_differences(
+            checkpoint.get("hyper_parameters", {}), given.as_dict() if hasattr(given, "as_dict") else dict(given),
+            "model", checkpoint_wins=("model.context",),  # the context prefixes are the checkpoint's
+        )
 
     def after_fit(self) -> None:
         """The test stage on every edited request (the paper's protocol), then the table."""

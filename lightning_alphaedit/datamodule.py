@@ -9,6 +9,7 @@ a checkpoint continues exactly where it stopped.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -91,11 +92,12 @@ class EditStreamDataModule(pl.LightningDataModule):
                 return packaged
         return path
 
-    def load(self, tokenizer=None) -> list[EditRequest]:
-        """Read and validate the whole stream (before anything is edited)."""
+    def load(self, tokenizer=None, max_tokens: int | None = None) -> list[EditRequest]:
+        """Read and validate the whole stream (before anything is edited); with ``max_tokens``
+        every prompt and its answer must fit in that many tokens."""
         requests = read_requests(self.source, format=self.format)
         if tokenizer is not None:
-            validate_requests(requests, tokenizer, source=str(self.source))
+            validate_requests(requests, tokenizer, source=str(self.source), max_tokens=max_tokens)
         if self.shuffle:
             random.Random(self.seed).shuffle(requests)
         if self.limit is not None:
@@ -105,7 +107,8 @@ class EditStreamDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if not self.requests:
             module = self.trainer.lightning_module if self.trainer is not None else None
-            self.requests = self.load(getattr(module, "tokenizer", None))
+            limit = module.max_request_tokens() if hasattr(module, "max_request_tokens") else None
+            self.requests = self.load(getattr(module, "tokenizer", None), limit)
 
     @property
     def chunk_size(self) -> int:
@@ -162,13 +165,27 @@ class EditStreamDataModule(pl.LightningDataModule):
     def stream_fingerprint(self) -> str:
         return hashlib.sha256("\n".join(r.case_id for r in self.requests).encode()).hexdigest()[:16]
 
+    def content_fingerprint(self) -> str:
+        """A hash of every field of every request in order: a data file changed under the same case ids differs."""
+        records = json.dumps([r.to_dict() for r in self.requests], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(records.encode()).hexdigest()[:16]
+
     def state_dict(self) -> dict:
-        return {"position": self.position, "stream": self.stream_fingerprint(), "size": len(self.requests)}
+        return {
+            "position": self.position, "stream": self.stream_fingerprint(), "size": len(self.requests),
+            "content": self.content_fingerprint(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.requests and state["stream"] != self.stream_fingerprint():
             raise ValueError(
                 f"the checkpoint was made on another edit stream ({state['size']} requests, "
                 f"fingerprint {state['stream']}) than {self.source} ({len(self.requests)} requests)"
+            )
+        if self.requests and "content" in state and state["content"] != self.content_fingerprint():
+            raise ValueError(
+                f"the checkpoint was made on an edit stream with the same case ids but other content than "
+                f"{self.source} now holds (content fingerprint {state['content']}, now {self.content_fingerprint()}): "
+                "the file changed since; resume with the data it was made on, or start a new run"
             )
         self.position = int(state["position"])

@@ -85,6 +85,25 @@ def load_model(config: ModelConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
+def context_length(config: ModelConfig, tokenizer) -> int | None:
+    """The most tokens the model reads in one sequence, from its config (``max_position_embeddings``,
+    ``n_positions`` or ``n_ctx``) and the tokenizer's ``model_max_length``, the smaller; None if
+    neither says. Read without loading the weights, so requests can be checked before."""
+    if config.name_or_path is None:
+        limits = [config.tiny.max_positions]
+    else:
+        from transformers import AutoConfig
+
+        kwargs = {"revision": config.revision}
+        if config.gguf_file:
+            kwargs["gguf_file"] = config.gguf_file
+        model_config = AutoConfig.from_pretrained(_location(config), **kwargs)
+        limits = [getattr(model_config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None)
+    limits = [int(x) for x in limits if x]
+    return min(limits) if limits else None
+
+
 def _location(config: ModelConfig) -> str:
     """A named registry model's cached folder (fetched on first use), else the id or path as given."""
     if config.name_or_path in MODEL_ASSETS:

@@ -19,7 +19,7 @@ import torch
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
-from lightning_alphaedit.models import ModelConfig, load_model, load_tokenizer
+from lightning_alphaedit.models import ModelConfig, context_length, load_model, load_tokenizer
 from lightning_alphaedit.prompts import generate_context_templates
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.targets import ModelTargets
@@ -83,6 +83,12 @@ class AlphaEditModule(pl.LightningModule):
     @cached_property
     def tokenizer(self):
         return load_tokenizer(self.lm_config)
+
+    def max_request_tokens(self) -> int | None:
+        """Tokens a prompt and its answer may take: the model's context less the context prefix
+        that precedes every rewrite prompt (the edit stream checks its requests against it)."""
+        limit = context_length(self.lm_config, self.tokenizer)
+        return None if limit is None else limit - self.context.length
 
     def configure_model(self) -> None:
         if self.lm is None:

@@ -102,7 +102,8 @@ class EditDataError(ValueError):
 
 
 class EditDataWarning(UserWarning):
-    """A record skipped on request (``skip_invalid=True``); the message says why."""
+    """A record skipped on request (``skip_invalid=True``), or one that edits nothing
+    (``target_new`` equal to ``target_true``); the message says which and why."""
 
 
 def _compose_message(
@@ -755,17 +756,24 @@ def read_requests(
 
 
 def validate_requests(
-    requests: Sequence[EditRequest], tokenizer: PreTrainedTokenizerBase, source: str
+    requests: Sequence[EditRequest],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    max_tokens: int | None = None,
 ) -> None:
     """Check requests against the model's tokenizer before anything is edited.
 
     A target is edited in as the tokens of ``" " + target`` (ROME, AlphaEdit), so a
     target whose tokens carry no text (``""``, whitespace, or characters the tokenizer
     drops) would give the editor nothing to optimise; a subject with no tokens has no
-    last token to read keys from. The structural checks the readers make (non-empty
-    fields, exactly one "{}", unique case ids) are made again here, since requests can
-    also be built in code. Raises :class:`EditDataError` naming ``source``, the record
-    index, its case id and the field.
+    last token to read keys from. A ``target_new`` of unknown tokens only would teach the
+    model the unknown token. With ``max_tokens`` (what the model's context leaves for one
+    prompt and its answer), every prompt followed by its longest answer must fit: a longer
+    one fails deep inside a forward pass otherwise. The structural checks the readers make
+    (non-empty fields, exactly one "{}", unique case ids) are made again here, since
+    requests can also be built in code. Raises :class:`EditDataError` naming ``source``,
+    the record index, its case id and the field; a ``target_new`` equal to ``target_true``
+    (an edit that changes nothing) is warned about (:class:`EditDataWarning`).
     """
     checked: list[tuple[_Where, str, str]] = []  # (where, field, text) to tokenize
     for index, request in enumerate(requests):
@@ -784,10 +792,53 @@ def validate_requests(
         "input_ids"
     ]
     decoded = tokenizer.batch_decode(token_ids)
+    unknown = getattr(tokenizer, "unk_token_id", None)
     for (where, field, text), ids, back in zip(checked, token_ids, decoded, strict=True):
         if not ids or not back.strip():
             raise where.error(
                 field, f"{text!r} tokenizes to nothing (tokens of ' ' + text: {list(ids)})"
+            )
+        if field == "target_new" and unknown is not None and all(i == unknown for i in ids):
+            raise where.error(field, f"{text!r} tokenizes to unknown tokens only ({tokenizer.unk_token!r})")
+    for index, request in enumerate(requests):
+        if request.target_true is not None and request.target_new.strip() == request.target_true.strip():
+            problem = f"equals target_true ({request.target_true!r}): the edit changes nothing"
+            message = _compose_message(problem, source, index, None, request.case_id, "target_new")
+            warnings.warn(message, EditDataWarning, stacklevel=2)
+    if max_tokens is not None:
+        answers = {(w.index, f): len(ids) for (w, f, _), ids in zip(checked, token_ids, strict=True)}
+        _check_lengths(requests, tokenizer, source, max_tokens, answers)
+
+
+def _check_lengths(
+    requests: Sequence[EditRequest],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    max_tokens: int,
+    answers: Mapping[tuple[int, str], int],
+) -> None:
+    """Every prompt followed by its longest answer fits in ``max_tokens``; else the record is named.
+
+    ``answers`` holds the answer tokens per (record index, field).
+    """
+    rows: list[tuple[_Where, str, str, int]] = []  # (where, field, prompt, answer tokens)
+    for index, request in enumerate(requests):
+        where = _Where(source, index, None, request.case_id)
+        answer = max(answers[index, "target_new"], answers.get((index, "target_true"), 0))
+        rows.append((where, "prompt", request.text, answer))
+        rows += [(where, f"paraphrase_prompts[{i}]", p, answer) for i, p in enumerate(request.paraphrase_prompts)]
+        rows += [
+            (where, f"neighborhood_prompts[{i}].prompt", n.prompt, answers[index, f"neighborhood_prompts[{i}].target"])
+            for i, n in enumerate(request.neighborhood_prompts)
+        ]
+        rows += [(where, f"generation_prompts[{i}]", p, 0) for i, p in enumerate(request.generation_prompts)]
+    lengths = [len(ids) for ids in tokenizer([prompt for _, _, prompt, _ in rows])["input_ids"]]
+    for (where, field, prompt, answer), length in zip(rows, lengths, strict=True):
+        if length + answer > max_tokens:
+            raise where.error(
+                field,
+                f"{length} prompt tokens + {answer} answer tokens exceed the {max_tokens} tokens the model's "
+                f"context leaves for a prompt and its answer (the prompt starts {prompt[:60]!r})",
             )
 
 

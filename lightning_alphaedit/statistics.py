@@ -11,13 +11,14 @@ Pure torch + transformers (no Lightning), so it can be run and tested on its own
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,10 @@ def collect_key_moments(
 class StatisticsCache:
     """Second moments on disk, one safetensors file per (key, layer), written atomically.
 
-    The full key is stored in the file's metadata and compared on load: a file whose key
-    differs, that cannot be read, or whose tensors are malformed is recomputed, never trusted.
+    The full key and a sha256 of each tensor's bytes are stored in the file's metadata and
+    compared on load: a file whose key differs, that cannot be read, whose tensors are
+    malformed or whose bytes no longer match their checksum (damage that leaves the header
+    valid) is recomputed, never trusted.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -152,24 +155,59 @@ class StatisticsCache:
             return None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                stored = json.loads((f.metadata() or {}).get("key", "null"))
+                metadata = f.metadata() or {}
+                stored = json.loads(metadata.get("key", "null"))
                 if stored != key:
                     log.warning("statistics cache %s was made for another key; recomputing", path)
                     return None
                 total, count = f.get_tensor("sum"), f.get_tensor("count")
+            checksums = json.loads(metadata.get("sha256", "null"))
+            found = {"sum": _checksum(total), "count": _checksum(count)}
+            if checksums != found:
+                raise ValueError(f"content checksum mismatch (stored {checksums}, found {found})")
             if total.ndim != 2 or total.shape[0] != total.shape[1] or not torch.isfinite(total).all() or count.item() < 1:
                 raise ValueError("malformed tensors")
         except Exception as error:  # unreadable or corrupted: recompute
-            log.warning("statistics cache %s is unreadable (%s); recomputing", path, error)
+            log.warning("statistics cache %s is unreadable or damaged (%s); recomputing", path, error)
             return None
         return KeyMoments.from_state_dict({"sum": total, "count": count}).to(device)
 
     def save(self, key: dict, moments: KeyMoments) -> Path:
         path = self.path(key)
         state = {name: t.detach().to("cpu").contiguous() for name, t in moments.state_dict().items()}
+        metadata = {
+            "key": json.dumps(key, sort_keys=True),
+            "sha256": json.dumps({name: _checksum(t) for name, t in state.items()}, sort_keys=True),
+        }
         with atomic_file(path) as tmp:
-            save_file(state, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+            save_file(state, str(tmp), metadata=metadata)
         return path
+
+    @contextmanager
+    def locked(self, keys: Sequence[dict]) -> Iterator[None]:
+        """Holds an exclusive lock (``<file>.lock`` beside each entry) on the entries of ``keys``.
+
+        Two runs that miss the same entries do not both compute them: the second waits here
+        until the first has written them, then loads them. Locks are taken in path order, so
+        runs locking overlapping sets cannot deadlock; the lock files are left in place
+        (removing one another run may be waiting on would break the lock).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            for path in sorted({self.path(key) for key in keys}):
+                handle = stack.enter_context(open(path.with_name(path.name + ".lock"), "a"))
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("statistics cache %s is being computed by another run; waiting for it", path)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+            yield
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's bytes."""
+    return hashlib.sha256(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def layer_statistics(
@@ -209,26 +247,28 @@ def layer_statistics(
         }
 
     cache = StatisticsCache(cache_root(config.cache_dir) / "statistics")
-    found = {layer: cache.load(key(layer), device) for layer in layers}
-    absent = collective.any(torch.tensor([found[layer] is None for layer in layers], device=device))
-    missing = [layer for layer, flag in zip(layers, absent.tolist()) if flag]
-    if missing:
-        share = collective.share(len(texts))
-        log.info("collecting key statistics for layers %s over documents %d-%d of %d",
-                 missing, share.start, share.stop, len(texts))
-        fresh = collect_key_moments(
-            model, tokenizer, targets, missing, texts[share], max_length,
-            batch_size=config.batch_size, dtype=_DTYPES[config.dtype], progress=config.progress,
-        )
-        for layer, moments in fresh.items():
-            collective.sum_(moments.sum)
-            count = collective.sum_(torch.tensor([moments.count], dtype=torch.long, device=device))
-            moments.count = int(count[0])
-            if collective.is_zero:
-                cache.save(key(layer), moments)
-            found[layer] = moments
-        collective.barrier()  # the cache is complete before any rank goes on
-    return found
+    # rank 0 writes: another run missing the same entries waits for it, then loads them
+    with cache.locked([key(layer) for layer in layers]) if collective.is_zero else nullcontext():
+        found = {layer: cache.load(key(layer), device) for layer in layers}
+        absent = collective.any(torch.tensor([found[layer] is None for layer in layers], device=device))
+        missing = [layer for layer, flag in zip(layers, absent.tolist()) if flag]
+        if missing:
+            share = collective.share(len(texts))
+            log.info("collecting key statistics for layers %s over documents %d-%d of %d",
+                     missing, share.start, share.stop, len(texts))
+            fresh = collect_key_moments(
+                model, tokenizer, targets, missing, texts[share], max_length,
+                batch_size=config.batch_size, dtype=_DTYPES[config.dtype], progress=config.progress,
+            )
+            for layer, moments in fresh.items():
+                collective.sum_(moments.sum)
+                count = collective.sum_(torch.tensor([moments.count], dtype=torch.long, device=device))
+                moments.count = int(count[0])
+                if collective.is_zero:
+                    cache.save(key(layer), moments)
+                found[layer] = moments
+            collective.barrier()  # the cache is complete before any rank goes on
+        return found
 
 
 def _context_length(model: torch.nn.Module, tokenizer) -> int:

@@ -2,8 +2,8 @@
 
 Plain torch (no Lightning): the ``NullSpaceUpdate`` callback drives it, tests call it
 directly. A batch is a transaction: the edited layers are snapshotted first and restored
-if any layer's update is not finite or anything raises, so a batch is applied whole or
-not at all.
+if any layer's update is not finite, is beyond ``max_update_ratio`` times the layer's weight
+norm, or anything raises, so a batch is applied whole or not at all.
 """
 
 from __future__ import annotations
@@ -70,8 +70,25 @@ def check_long_stream_options(method: str, leakage_weight: float, refresh_every:
         raise ValueError(f"leakage_weight and refresh_every apply to the alphaedit method, not {method}")
 
 
-class NonFiniteUpdate(RuntimeError):
+def check_update_ratio(max_update_ratio: float | None) -> None:
+    """Refuses a bound on ||Δ|| / ||W|| that is not a positive number (None: no bound)."""
+    if max_update_ratio is not None and not (
+        isinstance(max_update_ratio, (int, float)) and math.isfinite(max_update_ratio) and max_update_ratio > 0
+    ):
+        raise ValueError(f"max_update_ratio must be a positive finite number or null, got {max_update_ratio!r}")
+
+
+class RejectedUpdate(RuntimeError):
+    """A layer's update was refused (not finite, or out of bounds); the batch was rolled back."""
+
+
+class NonFiniteUpdate(RejectedUpdate):
     """A layer's update contained NaN or inf; the batch was rolled back."""
+
+
+MAX_UPDATE_RATIO = 10.0
+"""Default bound on ||Δ||_F / ||W||_F of one batch's update of a layer (normal updates are far
+below 1): a finite update beyond it (e.g. from a vanishing λ) is refused like a non-finite one."""
 
 
 @dataclass
@@ -130,11 +147,14 @@ class SequentialEditor:
         projection: str | None = None,
         rect_fraction: float = RECT_FRACTION,
         collective: Collective | None = None,
+        max_update_ratio: float | None = MAX_UPDATE_RATIO,
         leakage_weight: float = 0.0,
         refresh_every: int | None = None,
     ) -> None:
         check_method(method, projection, rect_fraction)
+        check_update_ratio(max_update_ratio)
         check_long_stream_options(method, leakage_weight, refresh_every)
+        self.max_update_ratio = max_update_ratio
         self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
         self.nullspace_threshold, self.nullspace_rule = nullspace_threshold, nullspace_rule
         self.edits = 0  # edits applied so far (the n of a refresh)
@@ -201,11 +221,22 @@ class SequentialEditor:
         delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
         if not torch.isfinite(delta).all():
             return f"layer {layer}: the update is not finite", 0.0
+        weight_norm = float(self.targets.linear_weight(layer).detach().float().norm())
         try:
             change = self._apply(layer, delta)
         except NonFiniteUpdate as error:
             return str(error), 0.0
-        return None, float(change.norm())
+        norm = float(change.float().norm())
+        return self._out_of_bounds(layer, norm, weight_norm), norm
+
+    def _out_of_bounds(self, layer: int, norm: float, weight_norm: float) -> str | None:
+        """Why a finite change of norm ``norm`` is refused (beyond ``max_update_ratio`` x ||W||), or None."""
+        if self.max_update_ratio is None or norm <= self.max_update_ratio * weight_norm:
+            return None
+        return (
+            f"layer {layer}: the update's norm {norm:.3g} exceeds {self.max_update_ratio:g} x the weight's "
+            f"norm {weight_norm:.3g} (max_update_ratio)"
+        )
 
     def _apply(self, layer: int, delta: torch.Tensor) -> torch.Tensor:
         """W += delta, or for PRUNE W = W_unedited + restrain(accumulated + delta); returns the
@@ -229,7 +260,7 @@ class SequentialEditor:
         snapshot = WeightSnapshot(self.targets, self.layers)
         try:
             yield
-        except NonFiniteUpdate as error:
+        except RejectedUpdate as error:
             snapshot.restore()
             outcome.reason = str(error)
         except BaseException:
@@ -261,7 +292,7 @@ class SequentialEditor:
                         self._solve_and_apply(layer, keys, residuals) if self.collective.is_zero else None
                     )
                     if reason is not None:  # refused on rank 0: every rank rolls back
-                        raise NonFiniteUpdate(reason)
+                        raise RejectedUpdate(reason)
                     self.collective.broadcast_(self.targets.weight(layer))
                 outcome.delta_norms[layer] = norm
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
@@ -297,7 +328,7 @@ class SequentialEditor:
             with timed(outcome.seconds, "finetune", device):
                 reason, norms = self.collective.run_on_zero(lambda: self._finetune(run))
             if reason is not None:
-                raise NonFiniteUpdate(reason)
+                raise RejectedUpdate(reason)
             for layer in self.layers:  # rank 0 fine-tuned: every rank takes its weights
                 self.collective.broadcast_(self.targets.weight(layer))
             outcome.delta_norms.update(norms)
@@ -313,6 +344,9 @@ class SequentialEditor:
             if not torch.isfinite(change).all():
                 return f"layer {layer}: fine-tuning made the weights non-finite", {}
             norms[layer] = float(change.float().norm())
+            refused = self._out_of_bounds(layer, norms[layer], float(before[layer].float().norm()))
+            if refused is not None:
+                return refused, {}
         return None, norms
 
     def _refreshed_null_space(self, layer: int, full_cache: torch.Tensor, edits: int) -> NullSpace:

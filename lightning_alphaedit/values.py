@@ -20,6 +20,7 @@ What each step costs is kept to what changes with δ (measured on SmolLM2-135M, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -81,6 +82,8 @@ class ValueOptimizationConfig:
     def __post_init__(self) -> None:
         if self.num_grad_steps < 1:
             raise ValueError("values.num_grad_steps must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # lr 0 would edit nothing and call it applied
+            raise ValueError(f"values.lr must be a positive finite number, got {self.lr!r}")
         if self.requests_per_pass is not None and self.requests_per_pass < 1:
             raise ValueError(f"values.requests_per_pass must be >= 1 or null, got {self.requests_per_pass}")
         if self.early_stop not in EARLY_STOP_RULES:
@@ -100,6 +103,7 @@ class ValueResult:
     loss: torch.Tensor  # (u,) final loss per request
     nll: torch.Tensor  # (u,) final target NLL per request
     steps: torch.Tensor  # (u,) gradient steps taken per request
+    reached: torch.Tensor  # (u,) bool: the new target is the argmax at every target position of every rewrite prompt
 
 
 def optimize_values(
@@ -181,6 +185,7 @@ def _optimize_pass(
     most_probable_steps = torch.zeros(u, dtype=torch.long, device=device)  # (u,) steps with the target the argmax
     final_loss = torch.zeros(u, dtype=torch.float32, device=device)
     final_nll = torch.zeros(u, dtype=torch.float32, device=device)
+    final_reached = torch.zeros(u, dtype=torch.bool, device=device)
     kl_initial = None  # (u, V) the unedited KL distributions, from the first step
     param_dtype = next(model.parameters()).dtype
     for step in range(config.num_grad_steps):
@@ -217,6 +222,9 @@ def _optimize_pass(
         token_owner = torch.repeat_interleave(torch.arange(a * c, device=device), counts[:, :c].flatten())
         per_prompt = -torch.zeros(a * c, dtype=picked.dtype, device=device).index_add(0, token_owner, picked) / counts[:, :c].flatten()
         nll = per_prompt.view(a, c).mean(1)  # (a,) mean over prompts of the mean target-token NLL
+        hit = (log_probs[is_rewrite].argmax(-1) == wanted).long()  # (rewrite positions,)
+        hits = torch.zeros(a * c, dtype=torch.long, device=device).index_add(0, token_owner, hit)  # (a*c,)
+        reached = (hits == counts[:, :c].flatten()).view(a, c).all(1)  # (a,) every target token on top
 
         kl_log_probs = log_probs[~is_rewrite]  # (a, V) one read position per KL row
         if kl_initial is None:
@@ -225,13 +233,11 @@ def _optimize_pass(
         kl = (initial.exp() * (initial - kl_log_probs)).sum(-1)  # (a,) KL(p_initial || p_now)
         decay = config.weight_decay * delta[live].norm(dim=1) / h0_norm[live] ** 2  # (a,)
         loss = nll + config.kl_factor * kl + decay  # (a,)
-        final_loss[live], final_nll[live] = loss.detach(), nll.detach()
+        final_loss[live], final_nll[live], final_reached[live] = loss.detach(), nll.detach(), reached
 
         going = loss.detach() >= config.early_stop_loss  # (a,)
         if config.early_stop == "most_probable":
-            missed = log_probs[is_rewrite].argmax(-1) != wanted  # (rewrite positions,)
-            misses = torch.zeros(a, dtype=torch.long, device=device).index_add(0, token_owner // c, missed.long())
-            most_probable_steps[live] += (misses == 0).long()
+            most_probable_steps[live] += reached.long()
             going &= most_probable_steps[live] <= config.extra_steps
         active[live] = going
         if step == config.num_grad_steps - 1 or not active.any():
@@ -253,6 +259,7 @@ def _optimize_pass(
         loss=final_loss,
         nll=final_nll,
         steps=steps,
+        reached=final_reached,
     )
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 
@@ -134,3 +136,36 @@ def test_plain_ddp_is_refused_with_the_fix_named(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False)
     with pytest.raises(ValueError, match="EditingDDPStrategy"):
         update.setup(trainer, None, "fit")
+
+
+def test_resume_keeps_the_options_given_and_refuses_those_that_change_the_edit(tmp_path, caplog):
+    config = next(p for p in CONFIGS if p.stem == "tiny")
+    common = ["--config", str(config), "--data.limit", "16", "--trainer.enable_progress_bar", "false"]
+    first = run(["fit", *common, "--trainer.max_epochs", "1"])  # stops after the first 8 edits
+    (ckpt,) = Path(first.trainer.default_root_dir).rglob("last.ckpt")
+    # an option that changes the edits: refused at fit start, named with both values (LightningCLI
+    # would silently take the checkpoint's)
+    with pytest.raises(ValueError, match=r"model\.values\.lr: 1\.0 in the checkpoint, 0\.5 in this run"):
+        run(["fit", *common, "--ckpt_path", str(ckpt), "--model.values.lr", "0.5"])
+    # one that only changes what is measured: this run's value is used, and the log says so
+    with caplog.at_level(logging.WARNING, logger="lightning_alphaedit.resume"):
+        resumed = run(["fit", *common, "--ckpt_path", str(ckpt), "--model.evaluation.batch_size", "16"])
+    assert resumed.model.evaluation.batch_size == 16
+    assert "model.evaluation.batch_size is 32 in the checkpoint, 16 in this run: this run's value is used" in caplog.text
+    update = next(cb for cb in resumed.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+    assert update.edits_applied == 16
+
+
+@pytest.mark.parametrize("content", ["random bytes", "another torch file"])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
+    config = next(p for p in CONFIGS if p.stem == "tiny")
+    bad = tmp_path / "last.ckpt"
+    if content == "random bytes":
+        bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, bad)
+    with pytest.raises(ValueError) as error:
+        run(["fit", "--config", str(config), "--data.limit", "8", "--ckpt_path", str(bad)])
+    message = str(error.value)
+    assert f"{bad} is" in message and "not a lightning-alphaedit checkpoint" in message, message
+    assert "weights_only" not in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -223,8 +224,11 @@ def test_malformed_record_fails_before_any_weight_changes(tmp_path):
 
 
 def test_non_finite_update_is_rolled_back(tmp_path):
-    # lr = inf makes δ (hence the target values and every layer's update) non-finite
-    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=3, lr=float("inf")), limit=8)
+    # lr = inf makes δ (hence the target values and every layer's update) non-finite; the config
+    # refuses it, so it is set after the check: the editor's own guard is what is tested here
+    values = ValueOptimizationConfig(num_grad_steps=3)
+    values.lr = float("inf")
+    module, data, update = build(tmp_path, values=values, limit=8)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
     trainer(tmp_path, [update]).fit(module, datamodule=data)
@@ -277,3 +281,101 @@ def test_bf16_true_precision_edits_a_bfloat16_model(tmp_path):
     assert all(c.dtype == torch.float32 for c in update.editor.caches.values())
     exported = load_file(str(tmp_path / "export-alphaedit" / DELTAS_FILE))
     assert exported and all(torch.isfinite(d.float()).all() and d.abs().max() > 0 for d in exported.values())
+
+
+def test_a_finite_but_absurd_update_is_rejected_and_rolled_back(tmp_path):
+    # λ = 1e-30 leaves the AlphaEdit solve nearly singular: finite updates many times ||W||
+    module, data, update = build(tmp_path, l2=1e-30, limit=8, max_update_ratio=None)
+    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    assert update.edits_applied == 8  # without a bound it is applied, and it is absurd
+    weights = {layer: update._original_weights[layer].float().norm() for layer in LAYERS}
+    ratios = {layer: float(d.norm() / weights[int(layer)]) for layer, d in
+              zip(LAYERS, update.deltas(module).values())}
+    assert max(ratios.values()) > 10, ratios
+
+    module, data, update = build(tmp_path, l2=1e-30, limit=8)  # the default bound: 10 x ||W||
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    assert update.edits_applied == 0 and len(update.rejected) == 2
+    assert "exceeds 10 x the weight's norm" in update.rejected[0]["reason"], update.rejected
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name]), name
+    with pytest.raises(ValueError, match="max_update_ratio"):
+        build(tmp_path, max_update_ratio=0.0)
+
+
+@pytest.mark.parametrize("lr", [1e30, 1.0])
+def test_a_batch_that_changes_nothing_is_reported(tmp_path, caplog, lr):
+    # lr 1e30: δ overflows and the norm clamp brings it back to 0, so z* = z0 and the update is ~0
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=3, lr=lr), limit=8)
+    pl_trainer = trainer(tmp_path, [update])
+    with caplog.at_level(logging.WARNING, logger="lightning_alphaedit"):
+        pl_trainer.fit(module, datamodule=data)
+    unchanged = [r for r in caplog.records if "changed nothing" in r.getMessage()]
+    ratio = max(float(d.norm() / update._original_weights[layer].float().norm())
+                for layer, d in zip(LAYERS, update.deltas(module).values()))
+    if lr == 1e30:
+        assert len(unchanged) == 2 and "z* equal to z0" in unchanged[0].getMessage()
+        assert ratio < 1e-6
+        assert float(pl_trainer.callback_metrics["edit/targets_reached"]) == 0.0
+    else:
+        assert unchanged == [] and ratio > 1e-3
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_edit(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+    lines = source.read_text().splitlines()
+    record = json.loads(lines[5])
+    record["paraphrase_prompts"][0] = "The " * 25_000 + record["paraphrase_prompts"][0]  # 100k characters
+    lines[5] = json.dumps(record)
+    long = tmp_path / "long_edits.jsonl"
+    long.write_text("\n".join(lines) + "\n")
+    module, data, update = build(tmp_path, path=str(long), baseline=False)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
+    with pytest.raises(EditDataError) as error:
+        trainer(tmp_path, [update]).fit(module, datamodule=data)
+    message = str(error.value)
+    assert "long_edits.jsonl: record 5" in message and "field 'paraphrase_prompts[0]'" in message, message
+    assert f"exceed the {256 - module.context.length} tokens" in message  # 256 positions less the context prefix
+    for name, param in module.lm.named_parameters():
+        assert torch.equal(param, before[name])
+    assert update.edits_applied == 0 and not (tmp_path / "stats").exists()  # before the statistics too
+
+
+def test_resume_with_other_edit_settings_is_refused_before_any_statistics(tmp_path):
+    first, data, update = build(tmp_path)
+    trainer(tmp_path, [update], max_epochs=1).fit(first, datamodule=data)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert update.edits_applied == 8 and ckpt.exists()
+
+    # other layers: refused at fit start, the setting named with both values, no statistics collected
+    module, data, _ = build(tmp_path)
+    stats = tmp_path / "other-stats"
+    other_layers = NullSpaceUpdate(
+        layers=[1, 3], mom2_weight=100.0, export=False,
+        statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
+                                    cache_dir=str(stats), progress=False),
+    )
+    with pytest.raises(ValueError, match=r"edit\.layers: \[1, 2\] in the checkpoint, \[1, 3\] in this run"):
+        trainer(tmp_path / "b", [other_layers]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert not stats.exists()
+
+    # another value step
+    module, data, update = build(tmp_path, values=ValueOptimizationConfig(num_grad_steps=25, lr=0.5, clamp_norm_factor=10.0))
+    with pytest.raises(ValueError, match=r"model\.values\.lr: 1\.0 in the checkpoint, 0\.5 in this run"):
+        trainer(tmp_path / "c", [update]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+
+    # the same case ids, other content: the data file changed since the checkpoint
+    source = Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl"
+    lines = source.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["target_new"] = "Oslo" if record["target_new"] != "Oslo" else "Paris"
+    lines[2] = json.dumps(record)
+    changed = tmp_path / "tiny_edits.jsonl"
+    changed.write_text("\n".join(lines) + "\n")
+    module, data, update = build(tmp_path, path=str(changed))
+    with pytest.raises(ValueError, match="same case ids but other content"):
+        trainer(tmp_path / "d", [update]).fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert update.edits_applied == 0

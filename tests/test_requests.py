@@ -601,3 +601,46 @@ def test_real_zsre_subjects_occur_verbatim() -> None:
             if str(index) in by_id:
                 assert by_id[str(index)].subject == record["subject"]
                 assert by_id[str(index)].text == record["src"]
+
+
+@pytest.mark.parametrize("field", ["prompt", "paraphrase_prompts[1]", "neighborhood_prompts[0].prompt"])
+def test_validate_names_a_prompt_too_long_for_the_context(field: str) -> None:
+    tokenizer = byte_level_tokenizer()  # one token per byte: lengths are exact
+    long = "word " * 20  # 100 bytes
+    changes = {
+        "prompt": {"prompt": long + "{} is"},
+        "paraphrase_prompts[1]": {"paraphrase_prompts": ("Norway's capital is", long)},
+        "neighborhood_prompts[0].prompt": {"neighborhood_prompts": (NeighborhoodPrompt(long, "Oslo"),)},
+    }[field]
+    requests = [tiny_request(), tiny_request(case_id="t1", **changes)]
+    validate_requests(requests, tokenizer, "my-edits", max_tokens=120)  # fits
+    with pytest.raises(EditDataError) as error:
+        validate_requests(requests, tokenizer, "my-edits", max_tokens=99)
+    message = str(error.value)
+    assert message.startswith("my-edits: record 1 (case_id t1): ") and f"field '{field}'" in message, message
+    assert "exceed the 99 tokens" in message
+    # the answer counts: the bare prompt fits in its own length, not with " Paris" after it
+    text = requests[1].text if field == "prompt" else long
+    prompt_tokens = len(tokenizer(text)["input_ids"])
+    with pytest.raises(EditDataError, match=f"{prompt_tokens} prompt tokens"):
+        validate_requests(requests, tokenizer, "my-edits", max_tokens=prompt_tokens + 1)
+
+
+def test_validate_refuses_a_target_of_unknown_tokens_only() -> None:
+    from lightning_alphaedit.tiny import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["The capital of Norway is Paris Oslo Sweden Stockholm"])
+    validate_requests([tiny_request()], tokenizer, "w")
+    with pytest.raises(EditDataError) as error:
+        validate_requests([tiny_request(), tiny_request(case_id="t1", target_new="Zanzibar")], tokenizer, "w")
+    message = str(error.value)
+    assert "record 1 (case_id t1)" in message and "field 'target_new'" in message and "unknown tokens only" in message
+    validate_requests([tiny_request(target_new="Paris Zanzibar")], tokenizer, "w")  # some of it is known
+
+
+def test_validate_warns_about_a_target_equal_to_the_true_one() -> None:
+    with pytest.warns(EditDataWarning, match=r"w: record 1 \(case_id t1\): field 'target_new': equals target_true"):
+        validate_requests([tiny_request(), tiny_request(case_id="t1", target_new="Oslo")], byte_level_tokenizer(), "w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_requests([tiny_request()], byte_level_tokenizer(), "w")

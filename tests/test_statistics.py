@@ -3,8 +3,16 @@ hit without running the model and never trusted when corrupted."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.statistics import (
@@ -139,3 +147,81 @@ def test_fingerprint_follows_the_weights(tiny):
         targets.weight(1).copy_(original)
     assert changed != before
     assert model_fingerprint(model, targets, 1) == before
+
+
+def test_finite_garbage_under_a_valid_header_is_rebuilt(tiny, tmp_path, caplog):
+    """Bytes of the data changed to other finite values (the header still parses): the checksum
+    catches it, and the rebuilt entry equals a fresh build bit for bit."""
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path), progress=False)
+    corpus = load_corpus(config.corpus)
+    layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)
+    (path,) = (tmp_path / "statistics").glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    middle = header + (len(raw) - header) // 2
+    raw[middle : middle + 8] = torch.tensor([1.5], dtype=torch.float64).numpy().tobytes()  # finite, wrong
+    path.write_bytes(bytes(raw))
+    cache = StatisticsCache(tmp_path / "statistics")
+    with safe_open(str(path), framework="pt") as f:  # still a well-formed file of finite numbers
+        assert torch.isfinite(f.get_tensor("sum")).all()
+    calls, handle = count_forwards(model)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lightning_alphaedit.statistics"):
+            rebuilt = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    finally:
+        handle.remove()
+    assert calls, "a file whose bytes no longer match their checksum must be recomputed"
+    assert "checksum" in caplog.text
+    fresh = collect_key_moments(model, tokenizer, targets, [1], corpus.texts[:8], max_length=32,
+                                batch_size=config.batch_size)[1]
+    assert torch.equal(rebuilt.sum, fresh.sum) and rebuilt.count == fresh.count
+    assert cache.load(json.loads(safe_open(str(path), framework="pt").metadata()["key"])) is not None
+
+
+TWO_RUNS = """
+import json, sys, time
+from pathlib import Path
+import torch
+from lightning_alphaedit.corpus import load_corpus
+from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
+from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
+
+cache, go = sys.argv[1], Path(sys.argv[2])
+model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(architecture="gpt2", num_layers=3, seed=1))
+forwards = []
+def slow(module, args):  # a slow model: both runs are inside the computation at the same time
+    forwards.append(1)
+    time.sleep(0.2)
+model.register_forward_pre_hook(slow)
+config = StatisticsConfig(corpus="tiny-corpus", sample_count=32, max_length=32, batch_size=4, cache_dir=cache, progress=False)
+corpus = load_corpus(config.corpus)
+while not go.exists():
+    time.sleep(0.01)
+moments = layer_statistics(model, tokenizer, ModelTargets(model), [0, 1], config, "tiny-test", corpus)
+print(json.dumps({"forwards": len(forwards), "sum": float(moments[1].sum.double().sum())}))
+"""
+
+
+def test_two_runs_sharing_an_empty_cache_compute_it_once(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(TWO_RUNS)
+    go = tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    time.sleep(0.5)
+    go.touch()  # both start together, whenever their imports finished
+    outputs = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    forwards = sorted(o["forwards"] for o in outputs)
+    assert forwards[0] == 0 and forwards[1] == 8, outputs  # 32 documents in batches of 4, computed once
+    assert outputs[0]["sum"] == outputs[1]["sum"]
+    assert len(list((tmp_path / "cache" / "statistics").glob("*.safetensors"))) == 2

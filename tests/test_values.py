@@ -25,7 +25,8 @@ LAYER = 2
 
 def reference_values(model, tokenizer, block, request, config, contexts=CONTEXTS):
     """One request, every prompt its own unpadded forward, full logits, a plain hook. Returns
-    (z, loss, steps); ``config.early_stop`` and ``extra_steps`` apply as documented."""
+    (z, loss, steps, reached): reached = the target is the argmax at each of its positions in every
+    rewrite prompt, at the final δ; ``config.early_stop`` and ``extra_steps`` apply as documented."""
     target = target_token_ids(tokenizer, request.target_new)
     rows = []
     for template in [*(c.replace("{}", request.prompt) for c in contexts), config.kl_prompt]:
@@ -62,7 +63,7 @@ def reference_values(model, tokenizer, block, request, config, contexts=CONTEXTS
     for step in range(config.num_grad_steps):
         optimizer.zero_grad()
         state["delta"] = delta
-        nlls, kl, most_probable = [], None, True
+        nlls, kl, reached = [], None, True
         for ids, position, is_kl in rows:
             log_probs = run(ids, position)
             if is_kl:
@@ -73,9 +74,9 @@ def reference_values(model, tokenizer, block, request, config, contexts=CONTEXTS
             else:
                 start = ids.shape[1] - len(target)  # the position whose logits predict target[0]
                 nlls.append(-torch.stack([log_probs[start + j, t] for j, t in enumerate(target)]).mean())
-                most_probable &= all(int(log_probs[start + j].argmax()) == t for j, t in enumerate(target))
+                reached &= all(int(log_probs[start + j].argmax()) == t for j, t in enumerate(target))
         loss = torch.stack(nlls).mean() + config.kl_factor * kl + config.weight_decay * delta.norm() / h0.norm() ** 2
-        most_probable_steps += most_probable
+        most_probable_steps += reached
         if config.early_stop == "most_probable" and most_probable_steps > config.extra_steps:
             break
         if loss.item() < config.early_stop_loss or step == config.num_grad_steps - 1:
@@ -87,7 +88,7 @@ def reference_values(model, tokenizer, block, request, config, contexts=CONTEXTS
             max_norm = config.clamp_norm_factor * h0.norm()
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    return (h0 + delta).detach(), loss.item(), steps
+    return (h0 + delta).detach(), loss.item(), steps, reached
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
@@ -101,7 +102,7 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
     config = ValueOptimizationConfig(num_grad_steps=6, lr=1.0, clamp_norm_factor=0.5)
     reference = [reference_values(model, tokenizer, targets.block(LAYER), r, config) for r in requests]
     # an early-stop threshold between the requests' final losses: some stop early, some do not
-    losses = sorted(loss for _, loss, _ in reference)
+    losses = sorted(loss for _, loss, _, _ in reference)
     config.early_stop_loss = (losses[0] + losses[1]) / 2 + 1e-3
     reference = [reference_values(model, tokenizer, targets.block(LAYER), r, config) for r in requests]
     # the replay on and off; the batch whole and in passes of 2 requests (2 + 1)
@@ -109,8 +110,9 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
         config.reuse_lower_layers, config.requests_per_pass = reuse, per_pass
         result = optimize_values(model, tokenizer, targets, requests, LAYER, CONTEXTS, config)
         assert result.targets.shape[0] == len(requests)
-        for i, (z, loss, steps) in enumerate(reference):
+        for i, (z, loss, steps, reached) in enumerate(reference):
             assert int(result.steps[i]) == steps, (reuse, per_pass, i)
+            assert bool(result.reached[i]) == reached, (reuse, per_pass, i)
             torch.testing.assert_close(result.targets[i].double(), z.double(), rtol=1e-4, atol=1e-5)
             assert abs(float(result.loss[i]) - loss) < 1e-4 * max(1.0, loss)
 
@@ -188,9 +190,9 @@ def test_most_probable_early_stop_matches_the_one_request_reference():
     for extra in (0, 2):
         config = ValueOptimizationConfig(num_grad_steps=15, lr=2.0, early_stop="most_probable", extra_steps=extra)
         reference = [reference_values(model, tokenizer, targets.block(layer), r, config, contexts) for r in requests]
-        steps = [s for _, _, s in reference]
+        steps = [s for _, _, s, _ in reference]
         assert steps[0] == extra  # stopped at step 0, or after its extra steps
-        stopped_early = [s < config.num_grad_steps - 1 and loss >= config.early_stop_loss for _, loss, s in reference]
+        stopped_early = [s < config.num_grad_steps - 1 and loss >= config.early_stop_loss for _, loss, s, _ in reference]
         assert sum(stopped_early) >= 3 and not stopped_early[-1], steps  # the rule, not the loss, stopped them
         results = []
         for per_pass in (None, 1, 2):  # the batch at once, one request at a time, 2 + 2 + 1
@@ -199,7 +201,7 @@ def test_most_probable_early_stop_matches_the_one_request_reference():
             assert results[-1].steps.tolist() == steps, (extra, per_pass)
             # lr 2.0 over a dozen steps carries float32 rounding of the padded batch further than
             # the default settings do: close to the reference, equal between batchings
-            for i, (z, loss, _) in enumerate(reference):
+            for i, (z, loss, _, _) in enumerate(reference):
                 torch.testing.assert_close(results[-1].targets[i].double(), z.double(), rtol=1e-3, atol=1e-3)
                 assert abs(float(results[-1].loss[i]) - loss) < 1e-3 * max(1.0, loss)
         result = results[0]
@@ -215,3 +217,42 @@ def test_early_stop_rule_is_checked():
         ValueOptimizationConfig(early_stop="argmax")
     with pytest.raises(ValueError, match="extra_steps"):
         ValueOptimizationConfig(early_stop="most_probable", extra_steps=-1)
+
+
+def test_reached_targets_match_an_independent_forward():
+    """``reached`` says, per request, whether its new target is the argmax at each target position
+    with z* in place: checked by a plain hook on one unpadded prompt, on a set-up where some
+    requests reach their target and some do not."""
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(architecture="gpt2", tokenizer="words", initializer_range=0.2))
+    model.requires_grad_(False)
+    targets = ModelTargets(model)
+    requests = read_requests(str(resources.files("lightning_alphaedit") / "data" / "tiny_edits.jsonl"))[:6]
+    config = ValueOptimizationConfig(num_grad_steps=40, lr=1.0, clamp_norm_factor=100.0, weight_decay=0.0, kl_factor=0.0)
+    result = optimize_values(model, tokenizer, targets, requests, 1, ["{}"], config)
+    expected = []
+    for i, request in enumerate(requests):
+        target = target_token_ids(tokenizer, request.target_new)
+        batch = encode_prompts(tokenizer, [request.prompt], [request.subject], [target[:-1]])
+        position = int(batch.subject_last[0])
+
+        def put_z(module, args, output, z=result.targets[i]):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            hidden[0, position] = z
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = targets.block(1).register_forward_hook(put_z)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=batch.input_ids).logits[0]  # (t, V)
+        finally:
+            handle.remove()
+        start = batch.input_ids.shape[1] - len(target)
+        expected.append(all(int(logits[start + j].argmax()) == t for j, t in enumerate(target)))
+    assert result.reached.tolist() == expected
+    assert 0 < sum(expected) < len(requests), expected  # both outcomes occur
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("inf"), float("nan")])
+def test_a_learning_rate_that_cannot_edit_is_refused_at_config_time(lr):
+    with pytest.raises(ValueError, match="values.lr must be a positive finite number"):
+        ValueOptimizationConfig(lr=lr)
