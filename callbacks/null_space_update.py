@@ -34,6 +34,7 @@ from lightning_alphaedit.export import (
     run_directory,
 )
 from lightning_alphaedit.finetune import FineTuneConfig, finetune
+from lightning_alphaedit.health import BatchHealth
 from lightning_alphaedit.norm_anchor import (
     NormAnchorConfig,
     anchor_targets,
@@ -99,6 +100,9 @@ class NullSpaceUpdate(pl.Callback):
         refresh_every: Rebuild the null space every this many edits from the eigenvectors below the
             threshold of (C_p / n + λ1 C0) / (λ1 + 1), so directions earlier edits used are protected
             too; keeps the full C_p (d_in x d_in) per layer. null = never (the paper).
+        health: Log per edited layer after every batch ``health/weight_ratio_layer{l}`` (‖W_t‖ / ‖W_0‖),
+            ``health/delta_norm_layer{l}`` (‖Δ‖), ``health/leakage_layer{l}`` (‖Δ k0‖ / ‖W_0 k0‖ on the
+            drift's held-out keys) and ``health/target_norm`` (mean ‖z*‖); validations record them too.
         norm_anchor: Rescale every target value to a norm calibrated on the unedited model, and skip
             (and report) edits whose value is far larger (`lightning_alphaedit.norm_anchor`). Off by default.
     """
@@ -124,13 +128,14 @@ class NullSpaceUpdate(pl.Callback):
         leakage_weight: float = 0.0,
         refresh_every: int | None = None,
         norm_anchor: NormAnchorConfig = NormAnchorConfig(),
+        health: bool = False,
     ) -> None:
         check_method(method, projection, rect_fraction)
         check_long_stream_options(method, leakage_weight, refresh_every)
         self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
         if norm_anchor.enabled and method == "ft":
             raise ValueError("norm_anchor rescales target values; the ft method has none")
-        self.norm_anchor = norm_anchor
+        self.norm_anchor, self.health = norm_anchor, health
         self.anchor: float | None = None  # calibrated at fit start
         self.anchor_skipped: list[str] = []  # case ids of the edits the anchor skipped
         if on_rejected not in REJECTION_POLICIES:
@@ -206,6 +211,7 @@ class NullSpaceUpdate(pl.Callback):
                 collective=self.collective, leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
+        self._original_norms = {l: float(w.float().norm()) for l, w in self._original_weights.items()}
         if self.norm_anchor.enabled:  # on the unedited model (a resumed run's edits come back later)
             with timed(self.timing, "norm_anchor", device):
                 self.anchor = self.collective.run_on_zero(lambda: self._calibrate_anchor(trainer, pl_module))
@@ -322,10 +328,13 @@ class NullSpaceUpdate(pl.Callback):
             values = outputs["targets"]
             if self.anchor is not None and outputs["values"] is not None:
                 values = self._anchored(pl_module, outputs)
+            values = gather(values)
+            health = BatchHealth(pl_module.targets, self.layers, self._original_norms, self.drift_reference)
             outcome = self.editor.apply_batch(
-                gather(values),
+                values,
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
+                watch=health.watch if self.health else None,
             )
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
@@ -336,6 +345,9 @@ class NullSpaceUpdate(pl.Callback):
             self.applied_requests.extend(requests)
             for layer, norm in outcome.delta_norms.items():
                 pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
+            if self.health and self.method != "ft":
+                for name, value in health.figures(outcome.delta_norms, values).items():
+                    pl_module.log(name, value, batch_size=len(requests))
         else:
             self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
             log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
@@ -398,7 +410,9 @@ class NullSpaceUpdate(pl.Callback):
             return
         self.timing["validation"] = self.timing.get("validation", 0.0) + time.perf_counter() - self._stage_started
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
-        record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
+        record.update({
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/", "health/"))
+        })
         record.pop("val/edits", None)
         self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
         self._write_history(trainer)

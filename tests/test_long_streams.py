@@ -4,6 +4,7 @@ re-projected cache, and a resume across a refresh against the uninterrupted run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,68 @@ def test_resume_across_a_refresh_equals_the_uninterrupted_run(tiny, goals, unedi
 def test_bad_options_are_refused(method, leakage, every, message):
     with pytest.raises(ValueError, match=message):
         check_long_stream_options(method, leakage, every)
+
+
+def test_options_through_the_trainer(tmp_path):
+    """Leakage penalty, refresh, norm anchor and health figures in one run of the real Trainer:
+    the anchor is the cached calibration, skipped edits are reported, health is logged and in
+    the history."""
+    from test_pipeline import build, trainer
+
+    from lightning_alphaedit.callbacks import NullSpaceUpdate
+    from lightning_alphaedit.norm_anchor import NormAnchorConfig
+
+    module, data, update = build(
+        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4, health=True,
+        norm_anchor=NormAnchorConfig(enabled=True, count=8, skip_factor=1.05),
+    )
+    assert isinstance(update, NullSpaceUpdate)
+    pl_trainer = trainer(tmp_path, [update])
+    pl_trainer.fit(module, datamodule=data)
+    pl_trainer.test(module, datamodule=data, verbose=False)
+    assert update.edits_applied == 8 and not update.rejected
+    assert update.editor.edits == 8 and update.editor.full_caches  # refreshed twice, after 4 and 8 edits
+    results = json.loads((tmp_path / "results.json").read_text())
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "stats" / "norm-anchor").iterdir()]
+    assert len(cached) == 1 and results["norm_anchor"]["anchor"] == cached[0]["anchor"] > 0
+    assert set(results["norm_anchor"]["skipped"]) <= {r.case_id for r in data.requests}
+    assert results["norm_anchor"]["skipped"] == update.anchor_skipped
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    for layer in LAYERS:
+        assert record[f"health/weight_ratio_layer{layer}"] != 1.0
+        assert record[f"health/delta_norm_layer{layer}"] > 0
+        assert record[f"health/leakage_layer{layer}"] > 0
+    assert record["health/target_norm"] > 0
+
+
+def test_health_figures_against_the_formula(tiny, goals, unedited):
+    from lightning_alphaedit.drift import DriftConfig, DriftReference
+    from lightning_alphaedit.health import BatchHealth
+
+    model, tok, targets, moments, requests = tiny
+    texts = load_corpus("tiny-corpus").texts[-6:]
+    reference = DriftReference(targets, tok, LAYERS, texts, DriftConfig(texts=6, max_length=32))
+    editor = SequentialEditor(targets, LAYERS, moments, l2=1.0)
+    apply(tiny, editor, 0, goals[0])  # an earlier batch: W_t is not W_0
+    original = {layer: float(unedited[layer].float().norm()) for layer in LAYERS}
+    health = BatchHealth(targets, LAYERS, original, reference)
+    before = {layer: targets.linear_weight(layer).detach().double().clone() for layer in LAYERS}
+    chunk = requests[BATCH : 2 * BATCH]
+    outcome = editor.apply_batch(
+        goals[1],
+        keys_at=lambda layer: request_keys(model, tok, targets, chunk, layer, ["{}"]),
+        current_values=lambda: block_outputs(model, tok, targets, chunk, LAYERS[-1]),
+        watch=health.watch,
+    )
+    figures = health.figures(outcome.delta_norms, goals[1])
+    for layer in LAYERS:
+        after = targets.linear_weight(layer).detach().double()
+        change = after - before[layer]  # (d_out, d_in)
+        keys = torch.cat(reference.keys[layer]).double()  # (n, d_in) held-out keys of the unedited model
+        w0 = unedited[layer].double()
+        w0 = w0 if w0.shape == after.shape else w0.T  # GPT-2's Conv1D stores the transpose
+        assert figures[f"health/weight_ratio_layer{layer}"] == pytest.approx(float(after.norm() / w0.norm()), rel=1e-5)
+        assert figures[f"health/delta_norm_layer{layer}"] == pytest.approx(float(change.norm()), rel=1e-4)
+        leakage = float((keys @ change.T).norm() / (keys @ w0.T).norm())
+        assert figures[f"health/leakage_layer{layer}"] == pytest.approx(leakage, rel=1e-4) and leakage > 0
+    assert figures["health/target_norm"] == pytest.approx(float(goals[1].double().norm(dim=1).mean()), rel=1e-6)
