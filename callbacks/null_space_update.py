@@ -440,6 +440,9 @@ class NullSpaceUpdate(pl.Callback):
         }
         if self.anchor is not None:
             results["norm_anchor"] = {"anchor": self.anchor, "skipped": list(self.anchor_skipped)}
+            for logger in trainer.loggers:  # the skipped case ids beside the run in W&B
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary["norm_anchor/skipped"] = list(self.anchor_skipped)
         self.results_path = write_text_atomic(run_directory(trainer) / RESULTS_FILE, json.dumps(results, indent=2))
         log.info("results written to %s", self.results_path)
 

@@ -191,27 +191,36 @@ def test_options_through_the_trainer(tmp_path):
     """Leakage penalty, refresh, norm anchor and health figures in one run of the real Trainer:
     the anchor is the cached calibration, skipped edits are reported, health is logged and in
     the history."""
-    from test_pipeline import build, trainer
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import WandbLogger
+    from test_pipeline import build
 
-    from lightning_alphaedit.callbacks import NullSpaceUpdate
+    from lightning_alphaedit.export import run_directory
     from lightning_alphaedit.norm_anchor import NormAnchorConfig
 
     module, data, update = build(
         tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4, health=True,
         norm_anchor=NormAnchorConfig(enabled=True, count=8, skip_factor=1.05),
     )
-    assert isinstance(update, NullSpaceUpdate)
-    pl_trainer = trainer(tmp_path, [update])
+    logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
+    pl_trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
+        logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=str(tmp_path), callbacks=[update],
+    )
     pl_trainer.fit(module, datamodule=data)
     pl_trainer.test(module, datamodule=data, verbose=False)
     assert update.edits_applied == 8 and not update.rejected
     assert update.editor.edits == 8 and update.editor.full_caches  # refreshed twice, after 4 and 8 edits
-    results = json.loads((tmp_path / "results.json").read_text())
+    run = run_directory(pl_trainer)
+    results = json.loads((run / "results.json").read_text())
+    assert logger.experiment.summary["norm_anchor/skipped"] == update.anchor_skipped
+    assert 0 < len(update.anchor_skipped) < 8  # 1.05 x the anchor: some values are above it, not all
     cached = [json.loads(p.read_text()) for p in (tmp_path / "stats" / "norm-anchor").iterdir()]
     assert len(cached) == 1 and results["norm_anchor"]["anchor"] == cached[0]["anchor"] > 0
     assert set(results["norm_anchor"]["skipped"]) <= {r.case_id for r in data.requests}
     assert results["norm_anchor"]["skipped"] == update.anchor_skipped
-    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     for layer in LAYERS:
         assert record[f"health/weight_ratio_layer{layer}"] != 1.0
         assert record[f"health/delta_norm_layer{layer}"] > 0
