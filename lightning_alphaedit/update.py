@@ -349,6 +349,7 @@ class SequentialEditor:
         state = {
             "method": self.method, "projection": self.projection, "layers": list(self.layers),
             "caches": {str(k): v.cpu() for k, v in self.caches.items()}, "edits": self.edits,
+            "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
         }
         if self.refresh_every:  # the null spaces move: they and the full C_p are state
             state["full_caches"] = {str(k): v.cpu() for k, v in self.full_caches.items()}
@@ -364,6 +365,12 @@ class SequentialEditor:
             raise ValueError(
                 f"checkpoint was made by method={made_by} layers={state['layers']}, "
                 f"this run is method={self.label} layers={self.layers}"
+            )
+        made_with = (state.get("leakage_weight", 0.0), state.get("refresh_every"))
+        if made_with != (self.leakage_weight, self.refresh_every):
+            raise ValueError(
+                f"checkpoint was made with leakage_weight={made_with[0]} refresh_every={made_with[1]}, "
+                f"this run has leakage_weight={self.leakage_weight} refresh_every={self.refresh_every}"
             )
         if self.refresh_every:
             if "null_spaces" not in state:

@@ -170,10 +170,14 @@ def test_resume_across_a_refresh_equals_the_uninterrupted_run(tiny, goals, unedi
         apply(tiny, resumed, batch, goals[batch])
     for layer in LAYERS:
         assert torch.equal(weights(tiny[2])[layer], uninterrupted[layer])
-    # a checkpoint without the refresh state is refused, not silently used
+    # a checkpoint made with other options is refused, not silently used
     plain, _ = run(tiny, range(0), goals)
-    with pytest.raises(ValueError, match="without refresh_every"):
+    with pytest.raises(ValueError, match="leakage_weight=0.0 refresh_every=None"):
         SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, **options).load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="leakage_weight=10.0"):
+        SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, leakage_weight=20.0, refresh_every=BATCH + 2).load_state_dict(
+            first.state_dict()
+        )
 
 
 @pytest.mark.parametrize("method, leakage, every, message", [
