@@ -34,10 +34,20 @@ from lightning_alphaedit.export import (
     run_directory,
 )
 from lightning_alphaedit.finetune import FineTuneConfig, finetune
+from lightning_alphaedit.health import BatchHealth
+from lightning_alphaedit.norm_anchor import (
+    NormAnchorConfig,
+    anchor_targets,
+    calibrate_anchor,
+    calibration_key,
+    calibration_requests,
+    cached_anchor,
+    projection_outputs,
+)
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.resume import check_edit_settings, edit_settings
-from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
+from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics, model_fingerprint
 from lightning_alphaedit.strategy import EditingDDPStrategy
 from lightning_alphaedit.timing import EDIT_PHASES, peak_memory, timed
 from lightning_alphaedit.update import (
@@ -100,6 +110,11 @@ class NullSpaceUpdate(pl.Callback):
         refresh_every: Rebuild the null space every this many edits from the eigenvectors below the
             threshold of (C_p / n + λ1 C0) / (λ1 + 1), so directions earlier edits used are protected
             too; keeps the full C_p (d_in x d_in) per layer. null = never (the paper).
+        health: Log per edited layer after every batch ``health/weight_ratio_layer{l}`` (‖W_t‖ / ‖W_0‖),
+            ``health/delta_norm_layer{l}`` (‖Δ‖), ``health/leakage_layer{l}`` (‖Δ k0‖ / ‖W_0 k0‖ on the
+            drift's held-out keys) and ``health/target_norm`` (mean ‖z*‖); validations record them too.
+        norm_anchor: Rescale every target value to a norm calibrated on the unedited model, and skip
+            (and report) edits whose value is far larger (`lightning_alphaedit.norm_anchor`). Off by default.
     """
 
     def __init__(
@@ -123,12 +138,19 @@ class NullSpaceUpdate(pl.Callback):
         max_update_ratio: float | None = MAX_UPDATE_RATIO,
         leakage_weight: float = 0.0,
         refresh_every: int | None = None,
+        norm_anchor: NormAnchorConfig = NormAnchorConfig(),
+        health: bool = False,
     ) -> None:
         check_method(method, projection, rect_fraction)
         check_update_ratio(max_update_ratio)
         check_long_stream_options(method, leakage_weight, refresh_every)
         self.max_update_ratio = max_update_ratio
         self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
+        if norm_anchor.enabled and method == "ft":
+            raise ValueError("norm_anchor rescales target values; the ft method has none")
+        self.norm_anchor, self.health = norm_anchor, health
+        self.anchor: float | None = None  # calibrated at fit start
+        self.anchor_skipped: list[str] = []  # case ids of the edits the anchor skipped
         if on_rejected not in REJECTION_POLICIES:
             raise ValueError(f"on_rejected must be one of {REJECTION_POLICIES}, got {on_rejected!r}")
         if not layers or list(layers) != sorted(set(layers)):
@@ -208,6 +230,13 @@ class NullSpaceUpdate(pl.Callback):
                 leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
             )
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
+        self._original_norms = {l: float(w.float().norm()) for l, w in self._original_weights.items()}
+        if self.norm_anchor.enabled:  # on the unedited model (a resumed run's edits come back later)
+            with timed(self.timing, "norm_anchor", device):
+                self.anchor = self.collective.run_on_zero(lambda: self._calibrate_anchor(trainer, pl_module))
+            log.info("norm anchor %.4g", self.anchor)
+            for logger in trainer.loggers:
+                logger.log_metrics({"norm_anchor/anchor": self.anchor}, step=0)
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
             held_out = self._held_out_texts(corpus)
             with timed(self.timing, "drift_reference", device):
@@ -223,6 +252,31 @@ class NullSpaceUpdate(pl.Callback):
             log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
             for logger in trainer.loggers:
                 logger.log_metrics(ranks, step=0)
+
+    def _calibrate_anchor(self, trainer: pl.Trainer, pl_module) -> float:
+        stream = trainer.datamodule
+        lm, tokenizer, targets, layer = pl_module.lm, pl_module.tokenizer, pl_module.targets, self.layers[-1]
+        requests = calibration_requests(self.norm_anchor, stream.source, stream.format, tokenizer)
+        key = calibration_key(
+            pl_module.lm_config.identity, model_fingerprint(lm, targets, layer), self.layers, pl_module.values,
+            pl_module.context_templates, requests, self.norm_anchor,
+        )
+        return cached_anchor(key, self.statistics.cache_dir, lambda: calibrate_anchor(
+            lm, tokenizer, targets, requests, layer, pl_module.context_templates, pl_module.values,
+            self.norm_anchor.drop_fraction,
+        )[0])
+
+    def _anchored(self, pl_module, outputs) -> torch.Tensor:
+        """This rank's target values rescaled to the anchor; skipped edits recorded."""
+        result, share = outputs["values"], outputs["share"]
+        mlp_values = projection_outputs(pl_module.lm, pl_module.tokenizer, pl_module.targets, share, self.layers[-1])
+        anchored, skipped = anchor_targets(
+            result.targets, result.initial, mlp_values, self.anchor, self.norm_anchor.skip_factor
+        )
+        skipped = self.collective.gather_rows(skipped.float().unsqueeze(1)).squeeze(1) > 0.5  # (u,) the whole batch
+        self.anchor_skipped.extend(r.case_id for r, s in zip(outputs["requests"], skipped.tolist()) if s)
+        pl_module.log("edit/anchor_skipped", float(skipped.sum()), batch_size=len(outputs["requests"]))
+        return anchored
 
     @property
     def label(self) -> str:
@@ -271,6 +325,7 @@ class NullSpaceUpdate(pl.Callback):
         self.applied_requests = [EditRequest.from_dict(r) for r in state["applied_requests"]]
         self.rejected = list(state["rejected"])
         self.history = list(state.get("history", []))
+        self.anchor_skipped = list(state.get("anchor_skipped", []))
         for phase, seconds in state.get("timing", {}).items():  # earlier sessions of this run
             self.timing[phase] = self.timing.get(phase, 0.0) + seconds
 
@@ -291,10 +346,16 @@ class NullSpaceUpdate(pl.Callback):
             if tuned:
                 pl_module.log("edit/finetune_loss", tuned[0].loss, batch_size=len(requests))
         else:
+            values = outputs["targets"]
+            if self.anchor is not None and outputs["values"] is not None:
+                values = self._anchored(pl_module, outputs)
+            values = gather(values)
+            health = BatchHealth(pl_module.targets, self.layers, self._original_norms, self.drift_reference)
             outcome = self.editor.apply_batch(
-                gather(outputs["targets"]),
+                values,
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
+                watch=health.watch if self.health else None,
             )
         reached = self._targets_reached(outputs["values"], len(requests), pl_module)
         trainer.datamodule.advance(len(requests))
@@ -307,6 +368,9 @@ class NullSpaceUpdate(pl.Callback):
             for layer, norm in outcome.delta_norms.items():
                 pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
             self._warn_if_unchanged(outcome, reached, batch_idx, pl_module)
+            if self.health and self.method != "ft":
+                for name, value in health.figures(outcome.delta_norms, values).items():
+                    pl_module.log(name, value, batch_size=len(requests))
         else:
             self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
             log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
@@ -399,7 +463,9 @@ class NullSpaceUpdate(pl.Callback):
             return
         self.timing["validation"] = self.timing.get("validation", 0.0) + time.perf_counter() - self._stage_started
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
-        record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
+        record.update({
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/", "health/"))
+        })
         record.pop("val/edits", None)
         record["time/edit_seconds"] = sum(self.timing.get(phase, 0.0) for phase in EDIT_PHASES)  # so far, the run's whole
         self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
@@ -426,6 +492,11 @@ class NullSpaceUpdate(pl.Callback):
             "unedited": pl_module.baseline, "edited": edited, "history": self.history,
             "timing_seconds": dict(self.timing), "memory": peak_memory(pl_module.device),
         }
+        if self.anchor is not None:
+            results["norm_anchor"] = {"anchor": self.anchor, "skipped": list(self.anchor_skipped)}
+            for logger in trainer.loggers:  # the skipped case ids beside the run in W&B
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary["norm_anchor/skipped"] = list(self.anchor_skipped)
         self.results_path = write_text_atomic(run_directory(trainer) / RESULTS_FILE, json.dumps(results, indent=2))
         log.info("results written to %s", self.results_path)
 
@@ -472,6 +543,7 @@ class NullSpaceUpdate(pl.Callback):
             "history": list(self.history),
             "timing": dict(self.timing),
             "settings": dict(self._edit_settings),
+            "anchor_skipped": list(self.anchor_skipped),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -114,6 +114,14 @@ class DriftReference:
         return logits[:, :-1], labels
 
     @torch.no_grad()
+    def update_leakage(self, layer: int, change: torch.Tensor) -> float:
+        """‖ΔW k0‖ / ‖W0 k0‖ (Frobenius over every held-out key) of one update ``change``
+        (d_out, d_in): how much a single edit batch moves the outputs on preserved text."""
+        moved = sum(float((keys @ change.float().T).square().sum()) for keys in self.keys[layer])  # Σ ‖ΔW k0‖²
+        unedited = sum(float(out.square().sum()) for out in self.outputs[layer])  # Σ ‖W0 k0‖²
+        return (moved / unedited) ** 0.5 if unedited > 0 else float("nan")
+
+    @torch.no_grad()
     def measure(self) -> dict[str, float]:
         """Drift of ``targets.model`` as it is now, from the reference: a flat dict of floats.
 

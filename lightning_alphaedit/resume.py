@@ -76,6 +76,7 @@ def edit_settings(update, module, data) -> dict[str, Any]:
         "edit.refresh_every": update.refresh_every,
     }
     settings.update({f"edit.statistics.{k}": getattr(update.statistics, k) for k in STATISTICS_SETTINGS})
+    settings.update({f"edit.norm_anchor.{k}": v for k, v in asdict(update.norm_anchor).items()})
     if update.method == "ft":
         settings.update({f"edit.finetune.{k}": v for k, v in asdict(update.finetune).items()})
     else:

@@ -216,7 +216,10 @@ class SequentialEditor:
             delta = algebra.project_update(delta, self.null_spaces[layer])
         return delta
 
-    def _solve_and_apply(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[str | None, float]:
+    def _solve_and_apply(
+        self, layer: int, keys: torch.Tensor, residuals: torch.Tensor,
+        watch: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> tuple[str | None, float]:
         """One layer's update, applied: (why it was refused or None, the norm of the change)."""
         delta = self.delta(layer, keys, residuals)  # (d_out, d_in)
         if not torch.isfinite(delta).all():
@@ -226,6 +229,8 @@ class SequentialEditor:
             change = self._apply(layer, delta)
         except NonFiniteUpdate as error:
             return str(error), 0.0
+        if watch is not None:
+            watch(layer, change)
         norm = float(change.float().norm())
         return self._out_of_bounds(layer, norm, weight_norm), norm
 
@@ -272,11 +277,14 @@ class SequentialEditor:
         target_values: torch.Tensor,
         keys_at: Callable[[int], torch.Tensor],
         current_values: Callable[[], torch.Tensor],
+        watch: Callable[[int, torch.Tensor], None] | None = None,
     ) -> BatchOutcome:
         """Edit every layer towards ``target_values`` (u, d_out); roll back on any failure.
 
         ``keys_at(layer)`` gives K1 (u, d_in) on the model as updated so far;
         ``current_values()`` the last edited block's outputs (u, d_out) likewise.
+        ``watch(layer, change)`` (rank 0 only) sees each layer's change (d_out, d_in) as it is
+        applied, so that it can be measured without being kept.
         """
         if self.method == "ft":
             raise RuntimeError("the ft method has no closed-form update: use apply_finetuning")
@@ -289,7 +297,7 @@ class SequentialEditor:
                     residuals = (target_values - current_values()) / (len(self.layers) - i)  # (u, d_out)
                 with timed(outcome.seconds, "solve", device):
                     reason, norm = self.collective.from_zero(
-                        self._solve_and_apply(layer, keys, residuals) if self.collective.is_zero else None
+                        self._solve_and_apply(layer, keys, residuals, watch) if self.collective.is_zero else None
                     )
                     if reason is not None:  # refused on rank 0: every rank rolls back
                         raise RejectedUpdate(reason)
@@ -375,6 +383,7 @@ class SequentialEditor:
         state = {
             "method": self.method, "projection": self.projection, "layers": list(self.layers),
             "caches": {str(k): v.cpu() for k, v in self.caches.items()}, "edits": self.edits,
+            "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
         }
         if self.refresh_every:  # the null spaces move: they and the full C_p are state
             state["full_caches"] = {str(k): v.cpu() for k, v in self.full_caches.items()}
@@ -390,6 +399,12 @@ class SequentialEditor:
             raise ValueError(
                 f"checkpoint was made by method={made_by} layers={state['layers']}, "
                 f"this run is method={self.label} layers={self.layers}"
+            )
+        made_with = (state.get("leakage_weight", 0.0), state.get("refresh_every"))
+        if made_with != (self.leakage_weight, self.refresh_every):
+            raise ValueError(
+                f"checkpoint was made with leakage_weight={made_with[0]} refresh_every={made_with[1]}, "
+                f"this run has leakage_weight={self.leakage_weight} refresh_every={self.refresh_every}"
             )
         if self.refresh_every:
             if "null_spaces" not in state:

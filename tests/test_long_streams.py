@@ -4,6 +4,7 @@ re-projected cache, and a resume across a refresh against the uninterrupted run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,14 @@ def test_resume_across_a_refresh_equals_the_uninterrupted_run(tiny, goals, unedi
         apply(tiny, resumed, batch, goals[batch])
     for layer in LAYERS:
         assert torch.equal(weights(tiny[2])[layer], uninterrupted[layer])
-    # a checkpoint without the refresh state is refused, not silently used
+    # a checkpoint made with other options is refused, not silently used
     plain, _ = run(tiny, range(0), goals)
-    with pytest.raises(ValueError, match="without refresh_every"):
+    with pytest.raises(ValueError, match="leakage_weight=0.0 refresh_every=None"):
         SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, **options).load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="leakage_weight=10.0"):
+        SequentialEditor(tiny[2], LAYERS, tiny[3], l2=1.0, leakage_weight=20.0, refresh_every=BATCH + 2).load_state_dict(
+            first.state_dict()
+        )
 
 
 @pytest.mark.parametrize("method, leakage, every, message", [
@@ -184,3 +189,77 @@ def test_resume_across_a_refresh_equals_the_uninterrupted_run(tiny, goals, unedi
 def test_bad_options_are_refused(method, leakage, every, message):
     with pytest.raises(ValueError, match=message):
         check_long_stream_options(method, leakage, every)
+
+
+def test_options_through_the_trainer(tmp_path):
+    """Leakage penalty, refresh, norm anchor and health figures in one run of the real Trainer:
+    the anchor is the cached calibration, skipped edits are reported, health is logged and in
+    the history."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import WandbLogger
+    from test_pipeline import build
+
+    from lightning_alphaedit.export import run_directory
+    from lightning_alphaedit.norm_anchor import NormAnchorConfig
+
+    module, data, update = build(
+        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4, health=True,
+        norm_anchor=NormAnchorConfig(enabled=True, count=8, skip_factor=1.05),
+    )
+    logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
+    pl_trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
+        logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=str(tmp_path), callbacks=[update],
+    )
+    pl_trainer.fit(module, datamodule=data)
+    pl_trainer.test(module, datamodule=data, verbose=False)
+    assert update.edits_applied == 8 and not update.rejected
+    assert update.editor.edits == 8 and update.editor.full_caches  # refreshed twice, after 4 and 8 edits
+    run = run_directory(pl_trainer)
+    results = json.loads((run / "results.json").read_text())
+    assert logger.experiment.summary["norm_anchor/skipped"] == update.anchor_skipped
+    assert 0 < len(update.anchor_skipped) < 8  # 1.05 x the anchor: some values are above it, not all
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "stats" / "norm-anchor").iterdir()]
+    assert len(cached) == 1 and results["norm_anchor"]["anchor"] == cached[0]["anchor"] > 0
+    assert set(results["norm_anchor"]["skipped"]) <= {r.case_id for r in data.requests}
+    assert results["norm_anchor"]["skipped"] == update.anchor_skipped
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    for layer in LAYERS:
+        assert record[f"health/weight_ratio_layer{layer}"] != 1.0
+        assert record[f"health/delta_norm_layer{layer}"] > 0
+        assert record[f"health/leakage_layer{layer}"] > 0
+    assert record["health/target_norm"] > 0
+
+
+def test_health_figures_against_the_formula(tiny, goals, unedited):
+    from lightning_alphaedit.drift import DriftConfig, DriftReference
+    from lightning_alphaedit.health import BatchHealth
+
+    model, tok, targets, moments, requests = tiny
+    texts = load_corpus("tiny-corpus").texts[-6:]
+    reference = DriftReference(targets, tok, LAYERS, texts, DriftConfig(texts=6, max_length=32))
+    editor = SequentialEditor(targets, LAYERS, moments, l2=1.0)
+    apply(tiny, editor, 0, goals[0])  # an earlier batch: W_t is not W_0
+    original = {layer: float(unedited[layer].float().norm()) for layer in LAYERS}
+    health = BatchHealth(targets, LAYERS, original, reference)
+    before = {layer: targets.linear_weight(layer).detach().double().clone() for layer in LAYERS}
+    chunk = requests[BATCH : 2 * BATCH]
+    outcome = editor.apply_batch(
+        goals[1],
+        keys_at=lambda layer: request_keys(model, tok, targets, chunk, layer, ["{}"]),
+        current_values=lambda: block_outputs(model, tok, targets, chunk, LAYERS[-1]),
+        watch=health.watch,
+    )
+    figures = health.figures(outcome.delta_norms, goals[1])
+    for layer in LAYERS:
+        after = targets.linear_weight(layer).detach().double()
+        change = after - before[layer]  # (d_out, d_in)
+        keys = torch.cat(reference.keys[layer]).double()  # (n, d_in) held-out keys of the unedited model
+        w0 = unedited[layer].double()
+        w0 = w0 if w0.shape == after.shape else w0.T  # GPT-2's Conv1D stores the transpose
+        assert figures[f"health/weight_ratio_layer{layer}"] == pytest.approx(float(after.norm() / w0.norm()), rel=1e-5)
+        assert figures[f"health/delta_norm_layer{layer}"] == pytest.approx(float(change.norm()), rel=1e-4)
+        leakage = float((keys @ change.T).norm() / (keys @ w0.T).norm())
+        assert figures[f"health/leakage_layer{layer}"] == pytest.approx(leakage, rel=1e-4) and leakage > 0
+    assert figures["health/target_norm"] == pytest.approx(float(goals[1].double().norm(dim=1).mean()), rel=1e-6)
