@@ -74,9 +74,12 @@ class NullSpaceUpdate(pl.Callback):
             most a threshold fraction of the total), ``fraction`` (that fraction of the dimension).
         mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
         statistics: How C0 is collected and cached.
-        on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run.
+        on_rejected: A batch whose update is not finite is rolled back; then ``continue`` or ``stop`` the run
+            (a stopped run, or one that edited nothing, exits non-zero).
         export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
-        export_dir: Where to save it; None = ``<run directory>/edited_model``.
+        export_dir: Where to save it; None = ``<run directory>/edited_model``. An existing folder must be
+            empty or an earlier export holding only its own files (checked at fit start): export never
+            deletes a file it did not write.
         baseline: Measure the unedited model on the whole stream before the first edit, so
             every reported score has its baseline beside it.
         drift: Held-out text on which the drift from the unedited model is measured after every
