@@ -53,7 +53,7 @@ def check_export_target(directory: str | os.PathLike, run_dir: str | os.PathLike
             )
     if target.exists() or target.is_symlink():
         if not target.is_dir() or target.is_symlink():
-            raise ValueError(f"export folder {target} exists and is not a folder: choose another --edit.export_dir")
+            raise ValueError(f"export folder {target} exists and is not a folder (a file or a link): choose another --edit.export_dir")
         entries = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
         if entries:
             foreign = _not_written_by_export(target, entries)
