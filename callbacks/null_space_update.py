@@ -30,6 +30,7 @@ from lightning_alphaedit.evaluation import TEACHER_FORCED
 from lightning_alphaedit.export import (
     HISTORY_FILE,
     RESULTS_FILE,
+    check_export_target,
     export_edited_model,
     run_directory,
 )
@@ -91,12 +92,14 @@ class NullSpaceUpdate(pl.Callback):
         mom2_weight: λ_m weighting C0 in the MEMIT solve (``mom2_update_weight``).
         statistics: How C0 is collected and cached.
         on_rejected: A batch whose update is not finite (or beyond ``max_update_ratio``) is rolled back; then
-            ``continue`` or ``stop`` the run.
+            ``continue`` or ``stop`` the run (a stopped run, or one that edited nothing, exits non-zero).
         max_update_ratio: A batch is rejected and rolled back when a layer's update has a Frobenius norm
             above this many times the layer's weight norm (normal updates are far below 1; a vanishing
             ``l2`` gives updates of 1e13). null = no bound.
         export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
-        export_dir: Where to save it; None = ``<run directory>/edited_model``.
+        export_dir: Where to save it; None = ``<run directory>/edited_model``. An existing folder must be
+            empty or an earlier export holding only its own files (checked at fit start): export never
+            deletes a file it did not write.
         baseline: Measure the unedited model on the whole stream before the first edit, so
             every reported score has its baseline beside it.
         drift: Held-out text on which the drift from the unedited model is measured after every
@@ -212,6 +215,7 @@ class NullSpaceUpdate(pl.Callback):
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
+        self._check_export_folder(trainer)
         self.collective = Collective()
         pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft", collective=self.collective)
         device = pl_module.device
@@ -252,6 +256,25 @@ class NullSpaceUpdate(pl.Callback):
             log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
             for logger in trainer.loggers:
                 logger.log_metrics(ranks, step=0)
+        if self._restored is not None:  # here, not at train start: a finished stream has no training batches
+            self._resume(trainer, pl_module)
+
+    def _export_folder(self, trainer: pl.Trainer):
+        return self.export_dir or run_directory(trainer) / "edited_model"
+
+    def _check_export_folder(self, trainer: pl.Trainer) -> None:
+        """Refuse, before any statistics or edit, an export folder the end of the run could not use."""
+        if not self.export:
+            return
+        problem = None
+        if trainer.is_global_zero:  # rank 0 exports; every rank stops with its answer
+            try:
+                check_export_target(self._export_folder(trainer), run_directory(trainer))
+            except (ValueError, PermissionError) as error:
+                problem = error
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise problem
 
     def _calibrate_anchor(self, trainer: pl.Trainer, pl_module) -> float:
         stream = trainer.datamodule
@@ -296,15 +319,14 @@ class NullSpaceUpdate(pl.Callback):
         return held_out
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
-        # Here a resumed run already holds its checkpoint's baseline, and the weights are
-        # still the unedited ones: a fresh run measures its baseline now.
+        # A fresh run measures its baseline now, on the unedited weights (a resumed run has its
+        # baseline and its edits back since on_fit_start).
         baseline = None
         if self.baseline:
             with timed(self.timing, "baseline", pl_module.device):
                 stream = trainer.datamodule
                 baseline = pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
-        # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
-        # the statistics were taken from the unedited model, now the edits come back.
+        # Strategies that restore checkpoints after on_fit_start bring the edits back here.
         if self._restored is not None:
             self._restore(self._restored, pl_module)
             self._restored = None
@@ -312,6 +334,20 @@ class NullSpaceUpdate(pl.Callback):
             self.history.append({"edits": 0, "epoch": -1} | {
                 f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
             })
+            self._write_history(trainer)
+
+    def _resume(self, trainer: pl.Trainer, pl_module) -> None:
+        """A resumed run gets its edits back, whatever is left of its stream (maybe nothing).
+
+        The baseline belongs to the unedited weights: measured first if the checkpoint has none.
+        """
+        if self.baseline:
+            with timed(self.timing, "baseline", pl_module.device):
+                stream = trainer.datamodule
+                pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
+        self._restore(self._restored, pl_module)
+        self._restored = None
+        if self.history and trainer.is_global_zero:  # the resumed run's folder carries the curves so far
             self._write_history(trainer)
 
     def _restore(self, state: dict, pl_module) -> None:
@@ -503,11 +539,14 @@ class NullSpaceUpdate(pl.Callback):
     # --- end of fit: the edited model -----------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._restored is not None and self.editor is not None:  # restored after on_fit_start, nothing trained
+            self._restore(self._restored, pl_module)
+            self._restored = None
         if not self.export or not trainer.is_global_zero or self.editor is None:
             return
-        directory = self.export_dir or run_directory(trainer) / "edited_model"
         self.exported_to = export_edited_model(
-            directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module), self.applied_requests,
+            self._export_folder(trainer), pl_module.lm, pl_module.tokenizer, self.deltas(pl_module),
+            self.applied_requests,
             summary={
                 "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
                 "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
@@ -517,8 +556,20 @@ class NullSpaceUpdate(pl.Callback):
                 "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
                 "model": pl_module.lm_config.identity,
             },
+            run_dir=run_directory(trainer),
         )
         log.info("edited model written to %s", self.exported_to)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the run did not do what it was asked (the command then exits non-zero), or None."""
+        if not self.rejected:
+            return None
+        if self.edits_applied == 0:
+            return f"all {len(self.rejected)} edit batches were rejected: nothing was edited"
+        if self.on_rejected == "stop":
+            return f"stopped at a rejected edit batch (on_rejected: stop) after {self.edits_applied} edits"
+        return None
 
     def deltas(self, pl_module) -> dict[str, torch.Tensor]:
         """Edited minus original weight of each edited parameter, in the parameter's layout."""

@@ -197,5 +197,9 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``lightning-alphaedit`` console script."""
-    run(args)
+    """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped."""
+    cli = run(args)
+    if isinstance(cli, AlphaEditCLI) and cli.subcommand == "fit":
+        update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+        if update.failure:
+            sys.exit(f"lightning-alphaedit: {update.failure}")

@@ -102,6 +102,8 @@ class EditStreamDataModule(pl.LightningDataModule):
             random.Random(self.seed).shuffle(requests)
         if self.limit is not None:
             requests = requests[: self.limit]
+        if not requests:  # a run would export an unedited "edited" model and report success
+            raise ValueError(f"{self.source}: no edit requests" + (f" (limit {self.limit})" if self.limit is not None else ""))
         return requests
 
     def setup(self, stage: str) -> None:

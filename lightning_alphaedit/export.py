@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import save_file
 
+from lightning_alphaedit.paths import current_umask, fresh_directory, write_text_atomic
 from lightning_alphaedit.requests import EditRequest, write_jsonl
 
 DELTAS_FILE = "alphaedit_deltas.safetensors"
 EDITS_FILE = "alphaedit_edits.jsonl"
+SUMMARY_FILE = "alphaedit_summary.json"
+"""In an export: its settings and counts, and the files it wrote (what marks a folder as an export)."""
 HISTORY_FILE = "metrics.jsonl"
 """In the run folder: one JSON line per validation (edits applied, scores, drift)."""
 RESULTS_FILE = "results.json"
@@ -33,6 +35,60 @@ def run_directory(trainer) -> Path:
     return root / str(logger.name) / version
 
 
+def check_export_target(directory: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
+    """Refuse an export folder the export would have to delete files from, or could not write.
+
+    Export writes a fresh folder and renames it into place. The one folder it replaces is an
+    earlier export of this framework (it holds the summary file) holding nothing but the files
+    that export wrote; anything else there, or the run folder itself, belongs to someone else.
+    Called at fit start, before any statistics or edit, and again just before writing.
+    """
+    target = Path(directory).expanduser().absolute()
+    if run_dir is not None:
+        run = Path(run_dir).expanduser().absolute()
+        if target == run or target in run.parents:
+            raise ValueError(
+                f"export folder {target} holds the run folder {run} (its checkpoints, config and metrics): "
+                "choose another --edit.export_dir, e.g. the default <run folder>/edited_model"
+            )
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or target.is_symlink():
+            raise ValueError(f"export folder {target} exists and is not a folder (a file or a link): choose another --edit.export_dir")
+        entries = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
+        if entries:
+            foreign = _not_written_by_export(target, entries)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ValueError(
+                    f"export folder {target} is not empty and holds files an export of lightning-alphaedit did not "
+                    f"write ({shown}); exporting would replace them. Choose a new or empty --edit.export_dir"
+                )
+        writable = target
+    else:
+        writable = next(p for p in target.parents if p.exists())
+    for folder in dict.fromkeys((writable, target.parent)):
+        if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write the edited model to {target}: {folder} is not writable")
+    return target
+
+
+def _not_written_by_export(target: Path, entries: list[str]) -> list[str]:
+    """The entries of an existing folder that no earlier export wrote (all of them if it is not one)."""
+    summary = target / SUMMARY_FILE
+    if not summary.is_file():
+        return entries
+    try:
+        written = json.loads(summary.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return entries
+    if written is None:  # an export from before the summary listed its files: all of it is the export
+        return []
+    if not isinstance(written, list):
+        return entries
+    allowed = set(written) | {str(parent.as_posix()) for f in written for parent in PurePosixPath(f).parents}
+    return [e for e in entries if e not in allowed]
+
+
 def export_edited_model(
     directory: str | os.PathLike,
     model: torch.nn.Module,
@@ -40,16 +96,17 @@ def export_edited_model(
     deltas: Mapping[str, torch.Tensor],
     applied: Sequence[EditRequest],
     summary: Mapping,
+    run_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``save_pretrained`` output plus the deltas of the edited weights and the applied edits.
 
     ``deltas`` maps parameter names to (edited - original) in the parameter's own layout,
     so ``param += delta`` re-applies the edit to the original model. The folder appears
-    atomically: it is written beside the target and renamed into place.
+    atomically: it is written beside the target and renamed into place. It only ever replaces
+    an earlier export (see `check_export_target`); the summary lists the files it wrote.
     """
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    target = check_export_target(directory, run_dir)
+    staging = fresh_directory(target.parent, prefix=f".{target.name}.")
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -59,11 +116,15 @@ def export_edited_model(
             metadata={"parameters": json.dumps(sorted(deltas))},
         )
         write_jsonl(list(applied), staging / EDITS_FILE)
-        (staging / "alphaedit_summary.json").write_text(json.dumps(dict(summary), indent=2, default=str))
-        if target.exists():  # an earlier export of this same run (a resumed run): replace it
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir())
+        summary = dict(summary) | {"files": sorted([*files, SUMMARY_FILE])}
+        write_text_atomic(staging / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+        mask = current_umask()  # safetensors writes 0600: the export follows the umask, as open() would
+        for path in staging.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if target.exists():  # an earlier export (a resumed run): moved aside whole, then removed
+            old = fresh_directory(target.parent, prefix=f".{target.name}.old.")
+            os.replace(target, old)  # renames onto the empty folder made for it
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
