@@ -131,10 +131,10 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
 
 
 def test_a_run_whose_batches_were_all_rejected_exits_non_zero(tmp_path, capsys):
-    # lr = inf makes every update non-finite: each batch is rolled back
+    # a vanishing λ makes every update absurdly large (beyond max_update_ratio): each batch is rolled back
     for policy in ("continue", "stop"):
         with pytest.raises(SystemExit) as exit:
-            fit("--model.values.lr", ".inf", "--model.values.num_grad_steps", "3", "--edit.on_rejected", policy,
+            fit("--edit.l2", "1e-30", "--model.values.num_grad_steps", "3", "--edit.on_rejected", policy,
                 "--edit.drift.texts", "0")
         assert exit.value.code not in (0, None) and "nothing was edited" in str(exit.value.code)
         assert "edits applied: 0, batches rejected:" in capsys.readouterr().out  # the summary is printed
