@@ -113,7 +113,10 @@ def test_batched_optimization_matches_the_one_request_reference(architecture):
         for i, (z, loss, steps, reached) in enumerate(reference):
             assert int(result.steps[i]) == steps, (reuse, per_pass, i)
             assert bool(result.reached[i]) == reached, (reuse, per_pass, i)
-            torch.testing.assert_close(result.targets[i].double(), z.double(), rtol=1e-4, atol=1e-5)
+            # float32 round-off against the float64 reference, relative to the vector's scale (entries
+            # up to ~30 on llama): per-entry tolerances fail on near-zero entries at ulp level
+            error = (result.targets[i].double() - z.double()).norm() / z.double().norm()
+            assert error < 1e-5, (reuse, per_pass, i, float(error))
             assert abs(float(result.loss[i]) - loss) < 1e-4 * max(1.0, loss)
 
 
