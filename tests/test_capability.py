@@ -37,15 +37,17 @@ def offline_datasets(tmp_path, monkeypatch):
 
 @pytest.fixture
 def task_folder(tmp_path) -> Path:
-    """A 20-question lm-eval task: prompt, its true answer and two other answers of its request."""
+    """A 20-question lm-eval task on the facts of the packaged tiny edit set, in its order: the
+    rewrite prompt with its true answer, its new answer and a neighbour's answer as choices.
+    An edit moves its question's answer, so the scores after edits tell the live model apart."""
     rows = []
     data = resources.files("lightning_alphaedit") / "data" / "tiny_edits.jsonl"
     for line in data.read_text(encoding="utf-8").splitlines():
-        neighbours = json.loads(line)["neighborhood_prompts"]
-        for n in neighbours:
-            wrong = [m["target"] for m in neighbours if m["target"] != n["target"]][:2]
-            gold = len(rows) % 3
-            rows.append({"question": n["prompt"], "choices": wrong[:gold] + [n["target"]] + wrong[gold:], "answer": gold})
+        request = json.loads(line)
+        wrong = [request["target_new"], request["neighborhood_prompts"][0]["target"]]
+        gold = len(rows) % 3
+        rows.append({"question": request["prompt"].replace("{}", request["subject"]),
+                     "choices": wrong[:gold] + [request["target_true"]] + wrong[gold:], "answer": gold})
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / f"{TASK}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
@@ -55,7 +57,8 @@ def task_folder(tmp_path) -> Path:
         "test_split": "test", "output_type": "multiple_choice",
         "doc_to_text": "{{question}}", "doc_to_target": "answer", "doc_to_choice": "{{choices}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "brier_score", "aggregation": "brier_score", "higher_is_better": False}],
     }))
     return folder
 
@@ -71,7 +74,7 @@ def lm_eval_reference(model_folder: Path, task_folder: Path, limit: int | None =
         tasks=[TASK], limit=limit, batch_size=4, bootstrap_iters=0, log_samples=False,
         task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
     )["results"][TASK]
-    return {f"capability/{TASK}/acc": results["acc,none"], f"capability/{TASK}/acc_norm": results["acc_norm,none"]}
+    return {f"capability/{TASK}/{metric}": results[f"{metric},none"] for metric in ("acc", "acc_norm", "brier_score")}
 
 
 def test_numbers_equal_lm_eval_on_the_saved_model_and_leave_the_random_state(task_folder, tmp_path):
@@ -93,7 +96,7 @@ def test_numbers_equal_lm_eval_on_the_saved_model_and_leave_the_random_state(tas
     tokenizer.save_pretrained(folder)
     reference = lm_eval_reference(folder, task_folder)
     assert set(ours) == set(reference)
-    assert ours == pytest.approx(reference, abs=1e-12)
+    assert ours == pytest.approx(reference, rel=1e-6)
     assert 0.0 < ours[f"capability/{TASK}/acc"] < 1.0  # a real score, not a degenerate one
 
 
@@ -118,6 +121,9 @@ def test_fit_logs_and_checkpoints_capability(task_folder, tmp_path):
     # before the first edit, after epoch 2 (every 2nd), after the last (epoch 3, the stream's end)
     assert [r["edits"] for r in monitor.records] == [0, 8, 12]
     name = f"capability/{TASK}/acc"
+    # the first 12 questions are the 12 edited facts: measured on the live model, the scores move
+    brier = f"capability/{TASK}/brier_score"
+    assert monitor.records[0][brier] != monitor.records[1][brier] != monitor.records[2][brier]
 
     # the history the report draws: every validation line, capability where it was measured
     run_folder = Path(update.results_path).parent
@@ -137,6 +143,16 @@ def test_fit_logs_and_checkpoints_capability(task_folder, tmp_path):
     assert points == [(r["edits"], pytest.approx(r[name])) for r in monitor.records]
     assert [float(r[f"test/{name}"]) for r in logged if r.get(f"test/{name}")] == [pytest.approx(monitor.records[-1][name])]
 
+    # the report draws them against edits and tables the first and the last
+    out = tmp_path / "report"
+    run(["report", str(run_folder), "--output", str(out), "--no-wandb"])
+    assert (out / f"capability_{TASK}_acc.png").read_bytes()[:4] == b"\x89PNG"
+    header, _, unedited_row, edited_row = [[c.strip() for c in line.strip("| ").split("|")]
+                                           for line in (out / "report.md").read_text().splitlines() if line.startswith("|")]
+    column = header.index(name)
+    assert unedited_row[column] == f"{100 * monitor.records[0][name]:.1f}"
+    assert edited_row[:2] == [update.label, "12"] and edited_row[column] == f"{100 * monitor.records[-1][name]:.1f}"
+
     # kept in the checkpoint, and restored from it
     state = torch.load(run_folder / "checkpoints" / "last.ckpt", weights_only=True)
     saved = next(v for k, v in state["callbacks"].items() if k.startswith("CapabilityMonitor"))
@@ -149,9 +165,10 @@ def test_fit_logs_and_checkpoints_capability(task_folder, tmp_path):
     unedited, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(**TINY))
     unedited.save_pretrained(tmp_path / "unedited")
     tokenizer.save_pretrained(tmp_path / "unedited")
-    assert lm_eval_reference(tmp_path / "unedited", task_folder, limit=12)[name] == pytest.approx(monitor.records[0][name])
+    unedited_scores = lm_eval_reference(tmp_path / "unedited", task_folder, limit=12)
+    assert unedited_scores == pytest.approx({k: v for k, v in monitor.records[0].items() if k != "edits"}, rel=1e-6)
     edited = lm_eval_reference(Path(update.exported_to), task_folder, limit=12)
-    assert edited == pytest.approx({k: v for k, v in monitor.records[-1].items() if k != "edits"})
+    assert edited == pytest.approx({k: v for k, v in monitor.records[-1].items() if k != "edits"}, rel=1e-6)
 
 
 def test_missing_lm_eval_says_how_to_install_it(monkeypatch):
