@@ -29,6 +29,9 @@ TABLE_FIGURES = (
 
 UNSCALED = ("fluency", "consistency")
 
+CAPABILITY = "capability/"
+"""lm-eval task scores (``CapabilityMonitor``): drawn and tabled from the history, unedited = 0 edits."""
+
 
 @dataclass
 class Run:
@@ -119,6 +122,8 @@ def plot(runs: list[Run], output: Path) -> dict[str, Path]:
             axes.plot(xs, [_scale(name) * y for y in ys], marker="o", color=color, label=run.label)
             if name.startswith("val/"):
                 baseline = ((run.results or {}).get("unedited") or {}).get(name.split("/", 1)[-1])
+            elif name.startswith(CAPABILITY):  # measured before the first edit
+                baseline = next((r[name] for r in run.history if r["edits"] == 0 and name in r), None)
             else:  # drift/perplexity has its unedited value in every record
                 baseline = next((r[f"{name}_unedited"] for r in run.history if f"{name}_unedited" in r), None)
             if baseline is not None:
@@ -146,8 +151,16 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         edited = dict(results.get("edited") or {})
         if not edited and run.history:  # a run without a test stage: its last validation
             edited = {k.split("/", 1)[1] if k.startswith("val/") else k: v for k, v in run.history[-1].items()}
-        finals.append((run, results.get("unedited") or {}, edited))
+        unedited = dict(results.get("unedited") or {})
+        for record in sorted(run.history, key=lambda r: r["edits"]):  # capability: first and last measurement
+            for name, value in record.items():
+                if name.startswith(CAPABILITY):
+                    edited[name] = value
+                    if record["edits"] == 0:
+                        unedited[name] = value
+        finals.append((run, unedited, edited))
     columns = [f for f in TABLE_FIGURES if any(f in e or f in u for _, u, e in finals)]
+    columns += sorted({f for _, u, e in finals for f in (*u, *e) if f.startswith(CAPABILITY) and "_stderr" not in f})
 
     def cell(values: dict, name: str) -> str:
         if name not in values:

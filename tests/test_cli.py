@@ -17,7 +17,9 @@ from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+OVERLAYS = ("capability", "capability-demo")
+"""Overlays for a model config, loaded on one by tests/test_capability.py."""
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem not in OVERLAYS)
 BENCH_CONFIGS = sorted((ROOT / "bench").glob("*.yaml"))
 
 
