@@ -4,7 +4,7 @@
     python bench/long_stream.py --n 1000 --summarize-only                    # tables and curves of what ran
 
 Every setting is one ``lightning-alphaedit fit`` on the SmolLM2 CounterFact bench config: the
-first N cases of counterfact-edit.json in file order, batches of 100, validated every 250 edits
+first N cases of counterfact-edit.json in file order, batches of 100, validated every 200 edits
 (teacher-forced figures, held-out perplexity and KL; generation off), ``last.ckpt`` after every
 validation. A setting whose folder already holds a checkpoint goes on from it, so a long run is
 made in chunks: run the same command again after an interruption. One setting at a time: two
@@ -71,7 +71,7 @@ def run_setting(name: str, overrides: list[str], args) -> None:
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(CONFIG),
         "--data.path", str(DATA), "--data.limit", str(args.n), "--data.batch_size", str(args.batch),
         "--data.edits_per_epoch", str(args.epoch), "--model.evaluation.generation", "false",
-        "--model.values.requests_per_pass", "10", "--trainer.logger", "false", "--edit.export", "false",
+        "--model.values.requests_per_pass", "10", "--trainer.logger", "false", "--edit.export", "false", "--edit.health", "true",
         "--trainer.enable_progress_bar", "false", *overrides, *args.extra,
         *(["--ckpt_path", str(checkpoint)] if checkpoint.is_file() else []),
     ]
@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="edits in the stream (first N cases in file order)")
     parser.add_argument("--batch", type=int, default=100, help="requests per edit batch")
-    parser.add_argument("--epoch", type=int, default=250, help="edits per edit epoch: a validation and a checkpoint after each")
+    parser.add_argument("--epoch", type=int, default=200, help="edits per edit epoch: a validation and a checkpoint after each")
     parser.add_argument("--settings", nargs="+", default=[], choices=sorted(SETTINGS), help="settings to run, in order")
     parser.add_argument("--summarize-only", action="store_true", help="only tabulate and draw what has run")
     parser.add_argument("--runs", type=Path, default=Path.home() / "lightning-alphaedit" / "bench" / "long-stream")
