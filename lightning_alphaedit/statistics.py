@@ -163,14 +163,18 @@ class StatisticsCache:
                 total, count = f.get_tensor("sum"), f.get_tensor("count")
             checksums = json.loads(metadata.get("sha256", "null"))
             found = {"sum": _checksum(total), "count": _checksum(count)}
-            if checksums != found:
+            if checksums is not None and checksums != found:
                 raise ValueError(f"content checksum mismatch (stored {checksums}, found {found})")
             if total.ndim != 2 or total.shape[0] != total.shape[1] or not torch.isfinite(total).all() or count.item() < 1:
                 raise ValueError("malformed tensors")
         except Exception as error:  # unreadable or corrupted: recompute
             log.warning("statistics cache %s is unreadable or damaged (%s); recomputing", path, error)
             return None
-        return KeyMoments.from_state_dict({"sum": total, "count": count}).to(device)
+        moments = KeyMoments.from_state_dict({"sum": total, "count": count})
+        if checksums is None:  # written before caches carried checksums: kept (hours of work on a large model)
+            log.info("statistics cache %s has no checksums (an older version wrote it): added", path)
+            self.save(key, moments)
+        return moments.to(device)
 
     def save(self, key: dict, moments: KeyMoments) -> Path:
         path = self.path(key)

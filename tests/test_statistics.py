@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.statistics import (
@@ -177,6 +178,28 @@ def test_finite_garbage_under_a_valid_header_is_rebuilt(tiny, tmp_path, caplog):
                                 batch_size=config.batch_size)[1]
     assert torch.equal(rebuilt.sum, fresh.sum) and rebuilt.count == fresh.count
     assert cache.load(json.loads(safe_open(str(path), framework="pt").metadata()["key"])) is not None
+
+
+def test_a_cache_written_before_checksums_is_kept_and_gets_them(tiny, tmp_path):
+    """An entry without checksums (an older version wrote it) is used as it is, not recomputed
+    (on a large model that is hours of work), and its checksums are added."""
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path), progress=False)
+    corpus = load_corpus(config.corpus)
+    built = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    (path,) = (tmp_path / "statistics").glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, state = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    save_file(state, str(path), metadata={"key": metadata["key"]})  # as the older version wrote it
+    calls, handle = count_forwards(model)
+    try:
+        loaded = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    finally:
+        handle.remove()
+    assert not calls, "an older entry must be used, not recomputed"
+    assert torch.equal(loaded.sum, built.sum) and loaded.count == built.count
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["sha256"]) == json.loads(metadata["sha256"])
 
 
 TWO_RUNS = """
