@@ -30,6 +30,7 @@ from lightning_alphaedit.evaluation import TEACHER_FORCED
 from lightning_alphaedit.export import (
     HISTORY_FILE,
     RESULTS_FILE,
+    base_model_source,
     export_edited_model,
     run_directory,
 )
@@ -38,7 +39,7 @@ from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics
 from lightning_alphaedit.strategy import EditingDDPStrategy
-from lightning_alphaedit.timing import peak_memory, timed
+from lightning_alphaedit.timing import format_seconds, peak_memory, timed
 from lightning_alphaedit.update import (
     RECT_FRACTION,
     SequentialEditor,
@@ -164,13 +165,13 @@ class NullSpaceUpdate(pl.Callback):
         self.collective = Collective()
         pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft", collective=self.collective)
         device = pl_module.device
-        with timed(self.timing, "statistics", device):  # loaded from the cache, or collected
+        with timed(self.timing, "statistics", device, announce=f"key statistics of layers {self.layers}"):  # cached or collected
             corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
             moments = {} if self.method == "ft" else layer_statistics(  # fine-tuning needs no C0
                 pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
                 pl_module.lm_config.identity, corpus, self.collective,
             )
-        with timed(self.timing, "projector", device):
+        with timed(self.timing, "projector", device, announce=f"{self.label} projectors"):
             self.editor = SequentialEditor(
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
@@ -180,7 +181,7 @@ class NullSpaceUpdate(pl.Callback):
         self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
             held_out = self._held_out_texts(corpus)
-            with timed(self.timing, "drift_reference", device):
+            with timed(self.timing, "drift_reference", device, announce=f"drift reference on {len(held_out)} held-out texts"):
                 self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -216,8 +217,10 @@ class NullSpaceUpdate(pl.Callback):
         # still the unedited ones: a fresh run measures its baseline now.
         baseline = None
         if self.baseline:
-            with timed(self.timing, "baseline", pl_module.device):
-                stream = trainer.datamodule
+            stream = trainer.datamodule
+            generation = " with generation" if pl_module.evaluation.generation else ""
+            with timed(self.timing, "baseline", pl_module.device,
+                       announce=f"unedited baseline on {len(stream.requests)} requests{generation}"):
                 baseline = pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
         # Checkpoint state is restored after on_fit_start (or after it, for some strategies):
         # the statistics were taken from the unedited model, now the edits come back.
@@ -303,7 +306,7 @@ class NullSpaceUpdate(pl.Callback):
         """``last.ckpt`` replaced atomically: a crash while writing leaves the previous one."""
         directory = run_directory(trainer) / "checkpoints"
         partial = directory / ".last.ckpt.partial"
-        trainer.save_checkpoint(partial)  # every rank takes part, rank 0 writes
+        trainer.save_checkpoint(partial, weights_only=False)  # every rank takes part, rank 0 writes
         if trainer.is_global_zero:
             os.replace(partial, directory / "last.ckpt")
             self.checkpoint_path = directory / "last.ckpt"
@@ -320,9 +323,13 @@ class NullSpaceUpdate(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
+        if not trainer.sanity_checking:
+            rank_zero_info(f"validation after {self.edits_applied} edits ...")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
+        generation = " with generation" if pl_module.evaluation.generation else ""
+        rank_zero_info(f"test on {trainer.datamodule.position} edited requests{generation} ...")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -333,7 +340,9 @@ class NullSpaceUpdate(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self.timing["validation"] = self.timing.get("validation", 0.0) + time.perf_counter() - self._stage_started
+        seconds = time.perf_counter() - self._stage_started
+        self.timing["validation"] = self.timing.get("validation", 0.0) + seconds
+        rank_zero_info(f"validation after {self.edits_applied} edits: done in {format_seconds(seconds)}")
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/"))})
         record.pop("val/edits", None)
@@ -350,7 +359,9 @@ class NullSpaceUpdate(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        self.timing["test"] = self.timing.get("test", 0.0) + time.perf_counter() - self._stage_started
+        seconds = time.perf_counter() - self._stage_started
+        self.timing["test"] = self.timing.get("test", 0.0) + seconds
+        rank_zero_info(f"test on {trainer.datamodule.position} edited requests: done in {format_seconds(seconds)}")
         edited = dict(pl_module.test_results or {})
         edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
         results = {
@@ -370,6 +381,8 @@ class NullSpaceUpdate(pl.Callback):
         if not self.export or not trainer.is_global_zero or self.editor is None:
             return
         directory = self.export_dir or run_directory(trainer) / "edited_model"
+        rank_zero_info(f"writing the edited model to {directory} ...")
+        started = time.perf_counter()
         self.exported_to = export_edited_model(
             directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module), self.applied_requests,
             summary={
@@ -378,9 +391,10 @@ class NullSpaceUpdate(pl.Callback):
                 "nullspace_rule": self.nullspace_rule, "projection": self.projection,
                 "rect_fraction": self.rect_fraction, "finetune": asdict(self.finetune),
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
-                "model": pl_module.lm_config.identity,
+                "model": pl_module.lm_config.identity, "base_model": base_model_source(pl_module.lm_config),
             },
         )
+        rank_zero_info(f"writing the edited model: done in {format_seconds(time.perf_counter() - started)}")
         log.info("edited model written to %s", self.exported_to)
 
     def deltas(self, pl_module) -> dict[str, torch.Tensor]:
