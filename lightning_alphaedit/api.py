@@ -34,6 +34,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = "demo"
 """The settings a model without its own config starts from (SmolLM2-135M's demo)."""
 
+_OTHER_SUBCOMMANDS = ("trace.", "spectrum.")
+
 _REQUEST_DEFAULTS = {"target_true": None, "paraphrase_prompts": [], "neighborhood_prompts": [], "generation_prompts": []}
 
 
@@ -164,7 +166,8 @@ def _resolve(key: str, fields: list[str]) -> str:
     key = key.replace("__", ".")
     if key in fields or any(f.startswith(key + ".") for f in fields):
         return key
-    matches = [f for f in fields if f.endswith("." + key)]
+    # trace and spectrum settings (other subcommands) only by their full names: limit is data.limit
+    matches = [f for f in fields if f.endswith("." + key) and not f.startswith(_OTHER_SUBCOMMANDS)]
     if len(matches) == 1:
         return matches[0]
     if not matches:
