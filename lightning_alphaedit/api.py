@@ -148,7 +148,7 @@ class _SettingsCLI(AlphaEditCLI):
         for key, value in {**args["overrides"], **args["settings"]}.items():
             _put(nested, _resolve(key, fields).split("."), value)
         argv = []
-        for config in [*args["configs"], nested]:
+        for config in [*args["configs"], *([nested] if nested else [])]:
             argv += ["--config", config if isinstance(config, str) else yaml.safe_dump(config)]
         super().parse_arguments(parser, argv)
 
