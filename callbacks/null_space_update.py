@@ -30,6 +30,7 @@ from lightning_alphaedit.evaluation import TEACHER_FORCED
 from lightning_alphaedit.export import (
     HISTORY_FILE,
     RESULTS_FILE,
+    base_model_source,
     check_export_target,
     export_edited_model,
     run_directory,
@@ -50,7 +51,7 @@ from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.resume import check_edit_settings, edit_settings
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics, model_fingerprint
 from lightning_alphaedit.strategy import EditingDDPStrategy
-from lightning_alphaedit.timing import EDIT_PHASES, peak_memory, timed
+from lightning_alphaedit.timing import EDIT_PHASES, format_seconds, peak_memory, timed
 from lightning_alphaedit.update import (
     MAX_UPDATE_RATIO,
     RECT_FRACTION,
@@ -219,13 +220,13 @@ class NullSpaceUpdate(pl.Callback):
         self.collective = Collective()
         pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft", collective=self.collective)
         device = pl_module.device
-        with timed(self.timing, "statistics", device):  # loaded from the cache, or collected
+        with timed(self.timing, "statistics", device, announce=f"key statistics of layers {self.layers}"):  # cached or collected
             corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
             moments = {} if self.method == "ft" else layer_statistics(  # fine-tuning needs no C0
                 pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
                 pl_module.lm_config.identity, corpus, self.collective,
             )
-        with timed(self.timing, "projector", device):
+        with timed(self.timing, "projector", device, announce=f"{self.label} projectors"):
             self.editor = SequentialEditor(
                 targets, self.layers, moments, method=self.method, l2=self.l2,
                 nullspace_threshold=self.nullspace_threshold, mom2_weight=self.mom2_weight,
@@ -243,7 +244,7 @@ class NullSpaceUpdate(pl.Callback):
                 logger.log_metrics({"norm_anchor/anchor": self.anchor}, step=0)
         if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
             held_out = self._held_out_texts(corpus)
-            with timed(self.timing, "drift_reference", device):
+            with timed(self.timing, "drift_reference", device, announce=f"drift reference on {len(held_out)} held-out texts"):
                 self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -323,8 +324,10 @@ class NullSpaceUpdate(pl.Callback):
         # baseline and its edits back since on_fit_start).
         baseline = None
         if self.baseline:
-            with timed(self.timing, "baseline", pl_module.device):
-                stream = trainer.datamodule
+            stream = trainer.datamodule
+            generation = " with generation" if pl_module.evaluation.generation else ""
+            with timed(self.timing, "baseline", pl_module.device,
+                       announce=f"unedited baseline on {len(stream.requests)} requests{generation}"):
                 baseline = pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
         # Strategies that restore checkpoints after on_fit_start bring the edits back here.
         if self._restored is not None:
@@ -467,7 +470,7 @@ class NullSpaceUpdate(pl.Callback):
         """``last.ckpt`` replaced atomically: a crash while writing leaves the previous one."""
         directory = run_directory(trainer) / "checkpoints"
         partial = directory / ".last.ckpt.partial"
-        trainer.save_checkpoint(partial)  # every rank takes part, rank 0 writes
+        trainer.save_checkpoint(partial, weights_only=False)  # every rank takes part, rank 0 writes
         if trainer.is_global_zero:
             os.replace(partial, directory / "last.ckpt")
             self.checkpoint_path = directory / "last.ckpt"
@@ -484,9 +487,13 @@ class NullSpaceUpdate(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
+        if not trainer.sanity_checking:
+            rank_zero_info(f"validation after {self.edits_applied} edits ...")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
+        generation = " with generation" if pl_module.evaluation.generation else ""
+        rank_zero_info(f"test on {trainer.datamodule.position} edited requests{generation} ...")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -497,7 +504,9 @@ class NullSpaceUpdate(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self.timing["validation"] = self.timing.get("validation", 0.0) + time.perf_counter() - self._stage_started
+        seconds = time.perf_counter() - self._stage_started
+        self.timing["validation"] = self.timing.get("validation", 0.0) + seconds
+        rank_zero_info(f"validation after {self.edits_applied} edits: done in {format_seconds(seconds)}")
         record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
         record.update({
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/", "health/"))
@@ -517,7 +526,9 @@ class NullSpaceUpdate(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        self.timing["test"] = self.timing.get("test", 0.0) + time.perf_counter() - self._stage_started
+        seconds = time.perf_counter() - self._stage_started
+        self.timing["test"] = self.timing.get("test", 0.0) + seconds
+        rank_zero_info(f"test on {trainer.datamodule.position} edited requests: done in {format_seconds(seconds)}")
         edited = dict(pl_module.test_results or {})
         edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
         results = {
@@ -544,8 +555,11 @@ class NullSpaceUpdate(pl.Callback):
             self._restored = None
         if not self.export or not trainer.is_global_zero or self.editor is None:
             return
+        directory = self._export_folder(trainer)
+        rank_zero_info(f"writing the edited model to {directory} ...")
+        started = time.perf_counter()
         self.exported_to = export_edited_model(
-            self._export_folder(trainer), pl_module.lm, pl_module.tokenizer, self.deltas(pl_module),
+            directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module),
             self.applied_requests,
             summary={
                 "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
@@ -554,10 +568,11 @@ class NullSpaceUpdate(pl.Callback):
                 "rect_fraction": self.rect_fraction, "finetune": asdict(self.finetune),
                 "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
                 "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
-                "model": pl_module.lm_config.identity,
+                "model": pl_module.lm_config.identity, "base_model": base_model_source(pl_module.lm_config),
             },
             run_dir=run_directory(trainer),
         )
+        rank_zero_info(f"writing the edited model: done in {format_seconds(time.perf_counter() - started)}")
         log.info("edited model written to %s", self.exported_to)
 
     @property

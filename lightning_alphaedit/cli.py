@@ -5,11 +5,14 @@
     lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
     lightning-alphaedit spectrum --config configs/demo.yaml
     lightning-alphaedit report RUN_DIR [RUN_DIR ...]
+    lightning-alphaedit ask RUN_DIR ["The capital of Norway is" ...]
 
 ``trace`` reads the same config (the model, the edit stream) plus its own ``trace:``
 section, and runs causal tracing instead of training. ``report`` draws the figures of
 finished runs against the number of edits (see `lightning_alphaedit.report`); ``spectrum``
-shows the key statistics' eigenvalues and the null space each selection rule keeps.
+shows the key statistics' eigenvalues and the null space each selection rule keeps;
+``ask`` answers prompts with the unedited and the edited model side by side (see
+`lightning_alphaedit.ask`).
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``.
@@ -18,6 +21,7 @@ W&B runs offline unless ``WANDB_MODE`` says otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -26,6 +30,7 @@ from pathlib import Path
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_alphaedit.ask import main as ask_main
 from lightning_alphaedit.callbacks import NullSpaceUpdate
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
@@ -39,6 +44,7 @@ from lightning_alphaedit.spectrum import eigenvalues as spectrum_eigenvalues
 from lightning_alphaedit.spectrum import format_table as format_spectrum
 from lightning_alphaedit.spectrum import save as save_spectrum
 from lightning_alphaedit.statistics import layer_statistics
+from lightning_alphaedit.timing import timed
 from lightning_alphaedit.trace import (
     TraceConfig,
     TraceResult,
@@ -126,16 +132,38 @@ EXPECTED_WARNINGS = (
 )
 """Lightning warnings about choices this design makes on purpose (silenced in the CLI only)."""
 
+UNACTIONABLE_LOG_LINES = (
+    "💡 Tip:",  # advertisements for other products (litlogger, litmodels)
+)
+"""Starts of Lightning info lines that tell a user nothing about their run (dropped in the CLI only)."""
+
+
+class _DropLines(logging.Filter):
+    """Drops log records whose message starts with one of ``UNACTIONABLE_LOG_LINES``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(UNACTIONABLE_LOG_LINES)
+
+
+def quiet_lightning() -> None:
+    """Silence the expected warnings and the unactionable info lines (by message, nothing else)."""
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")  # where rank_zero_info logs
+    if not any(isinstance(f, _DropLines) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLines())
+
 
 def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     """Parse ``args`` (default: the command line), run the subcommand, return the CLI
     (the report folder for ``report``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
-    for message in EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    quiet_lightning()
     args = sys.argv[1:] if args is None else list(args)
     if args and args[0] == "report":
         return report_main(args[1:])
+    if args and args[0] == "ask":
+        return ask_main(args[1:])
     if args and args[0] in ("trace", "spectrum"):
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
@@ -145,8 +173,8 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     return _cli(args)
 
 
-def _cli(args: list[str], run: bool = True) -> AlphaEditCLI:
-    return AlphaEditCLI(
+def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -> AlphaEditCLI:
+    return cli_class(
         AlphaEditModule,
         EditStreamDataModule,
         parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
@@ -165,7 +193,8 @@ def trace(cli: AlphaEditCLI) -> TraceResult:
     module.configure_model()  # the same model, tokenizer and targets an edit run would use
     module.lm.to(cli.trainer.strategy.root_device)
     requests = cli.datamodule.load(module.tokenizer)
-    result = causal_trace(module.lm, module.tokenizer, module.targets, requests, config)
+    with timed({}, "trace", announce=f"causal tracing on up to {config.limit} requests"):
+        result = causal_trace(module.lm, module.tokenizer, module.targets, requests, config)
     folder = Path(config.output) if config.output else Path(cli.trainer.default_root_dir) / "trace"
     json_path, png_path = save_trace(result, config, folder, module.lm_config.name_or_path or "tiny model")
     print(format_table(result))
@@ -183,9 +212,11 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
     module.lm.to(cli.trainer.strategy.root_device)
     update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
     corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
-    moments = layer_statistics(module.lm, module.tokenizer, module.targets, update.layers, update.statistics,
-                               module.lm_config.identity, corpus)
-    spectra = spectrum_eigenvalues(moments)
+    with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
+        moments = layer_statistics(module.lm, module.tokenizer, module.targets, update.layers, update.statistics,
+                                   module.lm_config.identity, corpus)
+    with timed({}, "spectrum", announce="eigenvalues of the key statistics"):
+        spectra = spectrum_eigenvalues(moments)
     configured = (update.nullspace_rule, update.nullspace_threshold)
     rules = [configured] + [r for r in map(parse_rule, config.rules) if r != configured]
     rows = spectrum_rows(spectra, rules, config.quantiles)
@@ -198,6 +229,8 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
 
 def main(args: list[str] | None = None) -> None:
     """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped."""
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a log file (SLURM) sees each line as it is written
     cli = run(args)
     if isinstance(cli, AlphaEditCLI) and cli.subcommand == "fit":
         update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))

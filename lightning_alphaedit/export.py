@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -22,6 +23,22 @@ HISTORY_FILE = "metrics.jsonl"
 """In the run folder: one JSON line per validation (edits applied, scores, drift)."""
 RESULTS_FILE = "results.json"
 """In the run folder: the test-stage protocol, the unedited baseline and the history."""
+SUMMARY_FILE = "alphaedit_summary.json"
+"""In the edited model's folder: the method, its settings and the base model it was made from."""
+EDITED_MODEL = "edited_model"
+"""The edited model's folder inside a run folder (unless ``edit.export_dir`` says otherwise)."""
+
+
+def base_model_source(config) -> dict:
+    """Where the unedited model comes from (a ``ModelConfig``'s loading fields): a registry
+    name, hub id or folder with its revision, or the tiny random model's own config."""
+    name = config.name_or_path
+    if name is not None and Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())  # a folder: absolute, to be found from anywhere
+    return {
+        "name_or_path": name, "revision": config.revision, "gguf_file": config.gguf_file, "dtype": config.dtype,
+        "tiny": asdict(config.tiny) if name is None and config.tiny is not None else None,
+    }
 
 
 def run_directory(trainer) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.paths import atomic_file, write_text_atomic
+from lightning_alphaedit.timing import timed
 from lightning_alphaedit.update import method_label
 
 TABLE_FIGURES = (
@@ -236,4 +237,5 @@ def main(args: list[str]) -> Path:
                         help="W&B project for the charts and table (offline unless WANDB_MODE says otherwise)")
     parser.add_argument("--no-wandb", action="store_true", help="write the files only")
     options = parser.parse_args(args)
-    return report(options.runs, options.output, None if options.no_wandb else options.wandb_project)
+    with timed({}, "report", announce=f"report of {', '.join(options.runs)}"):
+        return report(options.runs, options.output, None if options.no_wandb else options.wandb_project)

@@ -1,5 +1,8 @@
 """Where the time goes: wall-clock seconds per phase, added into a dict.
 
+A phase that can take long is announced: a line when it starts and one when it ends, with
+its time, so a log (a SLURM file, a notebook) never sits silent while something runs.
+
 On an accelerator the work is asynchronous, so each phase synchronizes the device before
 reading the clock; otherwise a phase would be charged for the kernels of the one before it.
 """
@@ -13,6 +16,7 @@ from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 # The phases that edit (value optimization, keys, solves, cache update, or fine-tuning): their sum
 # per request is the edit time benchmarks compare; statistics, evaluation and export are apart.
@@ -30,15 +34,38 @@ def _synchronize(device: torch.device | None) -> None:
 
 
 @contextmanager
-def timed(totals: MutableMapping[str, float], phase: str, device: torch.device | None = None) -> Iterator[None]:
-    """Add the seconds spent inside the block to ``totals[phase]``."""
+def timed(
+    totals: MutableMapping[str, float], phase: str, device: torch.device | None = None, announce: str | None = None
+) -> Iterator[None]:
+    """Add the seconds spent inside the block to ``totals[phase]``.
+
+    With ``announce`` (what the phase does, in words), rank zero logs a line as it starts and
+    one with its time as it ends (or fails).
+    """
+    if announce:
+        rank_zero_info(f"{announce} ...")
     _synchronize(device)
     started = time.perf_counter()
+    finished = False
     try:
         yield
+        finished = True
     finally:
         _synchronize(device)
-        totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        totals[phase] = totals.get(phase, 0.0) + seconds
+        if announce:
+            rank_zero_info(f"{announce}: {'done' if finished else 'FAILED'} in {format_seconds(seconds)}")
+
+
+def format_seconds(seconds: float) -> str:
+    """``4.2 s``, ``3 min 12 s``, ``1 h 05 min``: a phase's time as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

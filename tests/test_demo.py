@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_alphaedit.scoring import score_answers
+from lightning_alphaedit.scoring import score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.paths import default_cache_dir
 from lightning_alphaedit.requests import read_requests, validate_requests
@@ -18,7 +18,9 @@ from lightning_alphaedit.tiny import byte_level_tokenizer
 DEMO = Path(str(resources.files("lightning_alphaedit") / "data" / "demo_edits.jsonl"))
 # Read before the test fixtures point the cache at a temporary folder: the user's own cache,
 # where a previous demo run left the converted SmolLM2 (this test never fetches it).
-USER_MODEL = default_cache_dir() / "models" / "smollm2-135m"
+USER_CACHE = default_cache_dir()
+USER_MODEL = USER_CACHE / "models" / "smollm2-135m"
+USER_CORPUS = USER_CACHE / "corpora" / "wikipedia-vital-en.json"
 
 
 def test_demo_set_is_complete_and_valid():
@@ -49,3 +51,23 @@ def test_the_unedited_model_knows_the_demo_facts():
     true = score_answers(model, tokenizer, targets, prompts, [r.target_true for r in requests]).nll
     new = score_answers(model, tokenizer, targets, prompts, [r.target_new for r in requests]).nll
     assert (true < new).float().mean() >= 0.9
+
+
+@pytest.mark.skipif(not ((USER_MODEL / "config.json").is_file() and USER_CORPUS.is_file()),
+                    reason=f"SmolLM2 or its statistics corpus is not cached under {USER_CACHE} (a demo run fetches both)")
+def test_the_demo_edits_take_hold_on_smollm2(monkeypatch):
+    """The demo's settings on its first 20 requests, one batch: the new targets win and are what
+    the edited model says, where the unedited model said the true ones."""
+    from lightning_alphaedit.api import edit
+
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(USER_CACHE))  # the cached model, corpus, statistics
+    result = edit("smollm2-135m", limit=20, edits_per_epoch=20, **{
+        "data.batch_size": 20, "model.evaluation.generation": False, "edit.drift.texts": 0, "trainer.logger": False,
+    })
+    unedited, edited = result.scores["unedited"], result.scores["edited"]
+    assert unedited["efficacy"] <= 0.1 and edited["efficacy"] >= 0.9, (unedited, edited)
+    assert edited["generalization"] > unedited["generalization"] + 0.3, (unedited, edited)
+    answers = result.ask(max_new_tokens=6)
+    print(answers)
+    assert sum(bool(a.takes_hold) for a in answers) >= 16, answers
+    assert sum(starts_with_answer(a.unedited, a.target) for a in answers) <= 2, answers
