@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The benchmarks of issues #6 and #8 on one GPU, in one go, from the repository root:
+# The CounterFact and null-space benchmarks (docs/benchmarks.md) on one GPU, in one go, from the repository root:
 #
 #   bench/gpu_suite.sh OUTPUT [SECONDS]      # SECONDS: stop everything by then (default: no limit)
 #
 # 1. Alone, so that their times are their own: the quick benchmark (N = 100, B = 10), MEMIT
-#    and AlphaEdit in float32, and the N = 30 setting of issue #6 (statistics from 2,000
+#    and AlphaEdit in float32, and the N = 30 CounterFact setting (statistics from 2,000
 #    texts, as on the CPU, and from the whole corpus).
 # 2. Then side by side on the same GPU, PARALLEL runs at a time (default 4; their figures are
 #    their own, their times are not): AlphaEdit with bf16 weights (precision: bf16-true) at
 #    N = 100; the long run (N = 1000, B = 100, value optimization in passes of 25 requests)
-#    for MEMIT and AlphaEdit; the null-space rules at N = 300, B = 30 (#8).
+#    for MEMIT and AlphaEdit; the null-space rules at N = 300, B = 30.
 #
 # Needs the package installed (pip install -e .) and ../shared/data. Every run is
 # `bench/sequential.py` on bench/smollm2-counterfact30.yaml with the logger off

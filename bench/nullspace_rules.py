@@ -1,4 +1,4 @@
-"""The null-space selection rules side by side on one sequential stream (issue #8).
+"""The null-space selection rules side by side on one sequential stream.
 
     python bench/nullspace_rules.py --n 300 --batch 30 --rules absolute:0.02 energy:0.3 fraction:0.7
     python bench/nullspace_rules.py --collect OUTPUT          # tabulate runs made before
