@@ -174,16 +174,27 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
 
 
 def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -> AlphaEditCLI:
-    return cli_class(
-        AlphaEditModule,
-        EditStreamDataModule,
-        parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
-        save_config_callback=SaveRunConfig,
-        save_config_kwargs={"save_to_log_dir": False},
-        auto_configure_optimizers=False,
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given sys.argv again
-        run=run,
-    )
+    wandb = sys.modules.get("wandb")
+    before = wandb.run if wandb is not None else None
+    try:
+        return cli_class(
+            AlphaEditModule,
+            EditStreamDataModule,
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"save_to_log_dir": False},
+            auto_configure_optimizers=False,
+            args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given sys.argv again
+            run=run,
+        )
+    except BaseException:
+        # A refused or failed run leaves the W&B run it started open, and Lightning's logger
+        # reuses an open run: the next run in this process (a notebook, a test) would write
+        # into this one's folder. The caller's own run, if any, is left alone.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None and wandb.run is not before:
+            wandb.finish(exit_code=1)
+        raise
 
 
 def trace(cli: AlphaEditCLI) -> TraceResult:
