@@ -199,18 +199,19 @@ def test_options_through_the_trainer(tmp_path):
     from pytorch_lightning.loggers import WandbLogger
     from test_pipeline import build
 
+    from lightning_alphaedit.callbacks import DriftMonitor, EditHistory
     from lightning_alphaedit.export import run_directory
     from lightning_alphaedit.norm_anchor import NormAnchorConfig
 
     module, data, update = build(
-        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4, health=True,
+        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4,
         norm_anchor=NormAnchorConfig(enabled=True, count=8, skip_factor=1.05),
     )
     logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
     pl_trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
         logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=str(tmp_path), callbacks=[update],
+        default_root_dir=str(tmp_path), callbacks=[update, DriftMonitor(health=True), EditHistory()],  # no export
     )
     pl_trainer.fit(module, datamodule=data)
     pl_trainer.test(module, datamodule=data, verbose=False)
