@@ -53,6 +53,8 @@ class EditHistory(pl.Callback):
         return require_callback(trainer, NullSpaceUpdate, "EditHistory")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.history:  # a checkpoint written before this callback held the history
+            self.history = [dict(r) for r in self._update(trainer).history_in_checkpoint]
         if self.history and trainer.is_global_zero:  # a resumed run's folder carries the curves so far
             self._write(trainer)
 

@@ -172,6 +172,7 @@ class NullSpaceUpdate(pl.Callback):
         self.last_batch: EditedBatch | None = None
         self._batch_started = time.perf_counter()
         self._restored: dict | None = None
+        self.history_in_checkpoint: list[dict] = []
         self._edit_settings: dict = {}  # what decides the edits, checked against a checkpoint's
 
     # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
@@ -483,3 +484,5 @@ class NullSpaceUpdate(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict or None
+        # older checkpoints kept the validation history in the edit state: EditHistory takes it from here
+        self.history_in_checkpoint = list((state_dict or {}).get("history", []))

@@ -158,3 +158,18 @@ def test_history_alone_and_its_merge(tmp_path):
     assert [h["edits"] for h in lines] == [0, 4, 8] and lines == history.history
     assert lines[1] == {"edits": 4, "epoch": 0, "other/score": 0.25}
     assert lines[2]["other/score"] == 0.5 and "val/efficacy" in lines[2]
+
+
+def test_a_checkpoint_with_the_history_in_the_edit_state_resumes_its_history(tmp_path):
+    """Checkpoints written when the edit callback kept the history (one ``NullSpaceUpdate`` entry)."""
+    module, data, update = build(tmp_path, limit=16)
+    trainer(tmp_path, [update, EditHistory(), EditCheckpoint()], max_epochs=1, standard=False).fit(module, datamodule=data)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=True)
+    state["callbacks"]["NullSpaceUpdate"]["history"] = state["callbacks"].pop("EditHistory")["history"]
+    torch.save(state, path)
+    resumed, data2, update2 = build(tmp_path, limit=16)
+    history = EditHistory()
+    trainer(tmp_path / "b", [update2, history], standard=False).fit(resumed, datamodule=data2, ckpt_path=str(path))
+    assert [h["edits"] for h in history.history] == [0, 8, 16]
+    assert [json.loads(line)["edits"] for line in (tmp_path / "b" / HISTORY_FILE).read_text().splitlines()] == [0, 8, 16]
