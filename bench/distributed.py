@@ -34,7 +34,7 @@ def run(config: str, world: int, batch: int, output: Path) -> dict:
     command = [
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"),
         "--data.limit", str(batch), "--data.batch_size", str(batch), "--data.edits_per_epoch", str(batch),
-        "--edit.baseline", "false", "--edit.drift.texts", "0", "--edit.export", "false", "--edit.checkpoint", "false",
+        "--edit.baseline", "false", "--drift.texts", "0", "--export.enabled", "false", "--checkpoint.enabled", "false",
         "--model.evaluation.generation", "false", "--trainer.enable_progress_bar", "false",
     ]
     if world > 1:

@@ -41,7 +41,7 @@ def fit(folder: Path, cache: Path, config: Path, name: str, *extra: str) -> subp
     """One CLI run in its own process group (so a kill takes its W&B helper with it)."""
     command = [sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(config),
                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.id", name,
-               "--edit.export_dir", str(folder / "export"), *extra]
+               "--export.dir", str(folder / "export"), *extra]
     env = os.environ | {"PYTHONUNBUFFERED": "1", "LIGHTNING_ALPHAEDIT_RUNS": str(folder / "runs"), "LIGHTNING_ALPHAEDIT_CACHE": str(cache),
                         "WANDB_DIR": str(folder), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                         "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

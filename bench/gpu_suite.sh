@@ -37,7 +37,7 @@ run() {  # run NAME N B EPOCH METHODS... -- OVERRIDES...
     echo "$(date +%T) start $name"
     timeout "$seconds" "${PYTHON:-python3}" bench/sequential.py --n "$n" --batch "$b" --epoch "$epoch" \
         --methods "${methods[@]}" --output "$out/$name" -- --trainer.logger false \
-        --edit.export false --edit.checkpoint false "$@" \
+        --export.enabled false --checkpoint.enabled false "$@" \
         > "$out/logs/$name.log" 2>&1
     local status=$?
     echo "$(date +%T) end   $name: exit $status"

@@ -71,7 +71,7 @@ def run_setting(name: str, overrides: list[str], args) -> None:
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(CONFIG),
         "--data.path", str(DATA), "--data.limit", str(args.n), "--data.batch_size", str(args.batch),
         "--data.edits_per_epoch", str(args.epoch), "--model.evaluation.generation", "false",
-        "--model.values.requests_per_pass", "10", "--trainer.logger", "false", "--edit.export", "false", "--edit.health", "true",
+        "--model.values.requests_per_pass", "10", "--trainer.logger", "false", "--export.enabled", "false", "--drift.health", "true",
         "--trainer.enable_progress_bar", "false", *overrides, *args.extra,
         *(["--ckpt_path", str(checkpoint)] if checkpoint.is_file() else []),
     ]

@@ -30,7 +30,7 @@ def run_rule(rule: str, args) -> None:
     command = [
         sys.executable, str(ROOT / "bench" / "sequential.py"), "--n", str(args.n), "--batch", str(args.batch),
         "--epoch", str(args.epoch or args.n // 2), "--methods", "alphaedit", "--output", str(args.output / rule.replace(":", "-")),
-        "--", "--model.evaluation.generation", "false", "--edit.export", "false",
+        "--", "--model.evaluation.generation", "false", "--export.enabled", "false",
         "--edit.nullspace_rule", name, "--edit.nullspace_threshold", threshold, *args.extra,
     ]
     subprocess.run(command, check=True, cwd=ROOT)

@@ -6,7 +6,7 @@
 Specificity counts the neighbourhood prompts whose true answer beats the edit's new target
 (NLL(p, true) < NLL(p, new)); a rate hides whether a drop is many prompts pushed a long way or
 one prompt that sat on the fence. This scores the first ``--limit`` requests' neighbourhood
-prompts on the unedited model and on an edited model saved by a run (``edit.export``), and
+prompts on the unedited model and on an edited model saved by a run (``export``), and
 prints, per prompt, the margin NLL(p, new) - NLL(p, true) before and after (> 0: specific) with
 the prompts that changed side marked. ``--prefixes`` prints the specificity of the first k
 requests for each k: the unedited figure a validation after k edits compares against (it scores

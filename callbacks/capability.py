@@ -14,7 +14,6 @@ lm-eval is an optional dependency: ``pip install -e '.[capability]'``.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -26,10 +25,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_alphaedit.callbacks.edit_history import EditHistory
+from lightning_alphaedit.callbacks.find import find_callback
 from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
 from lightning_alphaedit.collective import Collective
-from lightning_alphaedit.export import HISTORY_FILE, run_directory
-from lightning_alphaedit.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -289,24 +288,12 @@ class CapabilityMonitor(pl.Callback):
             self._merge_into_history(trainer)
 
     def _merge_into_history(self, trainer: pl.Trainer) -> None:
-        """Put every record into the edit callback's history (one line per edit count) and rewrite
-        ``metrics.jsonl``, which ``lightning-alphaedit report`` draws."""
-        update = _null_space_update(trainer)
-        if update is None or not trainer.is_global_zero or not self.records:
+        """Put every record into the run's history (`EditHistory.merge`: one line per edit count,
+        ``metrics.jsonl`` rewritten), which ``lightning-alphaedit report`` draws."""
+        history = find_callback(trainer, EditHistory)
+        if history is None or not trainer.is_global_zero or not self.records:
             return
-        changed = False
-        for record in self.records:
-            line = next((h for h in update.history if h["edits"] == record["edits"]), None)
-            if line is None:  # e.g. before the first edit with edit.baseline false
-                line = {"edits": record["edits"], "epoch": -1 if record["edits"] == 0 else trainer.current_epoch}
-                update.history.append(line)
-                changed = True
-            if any(line.get(k) != v for k, v in record.items()):
-                line.update(record)
-                changed = True
-        if changed:
-            update.history.sort(key=lambda h: h["edits"])
-            write_text_atomic(run_directory(trainer) / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in update.history))
+        history.merge(trainer, self.records, epoch=trainer.current_epoch)
 
     # --- checkpoint state --------------------------------------------------------------------------
 
@@ -317,11 +304,7 @@ class CapabilityMonitor(pl.Callback):
         self.records = [dict(r) for r in state_dict.get("records", [])]
 
 
-def _null_space_update(trainer: pl.Trainer) -> NullSpaceUpdate | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate)), None)
-
-
 def _edits_applied(trainer: pl.Trainer) -> int:
-    """Edits applied so far, as the edit callback counts them (its history is keyed by it)."""
-    update = _null_space_update(trainer)
+    """Edits applied so far, as the edit callback counts them (the history is keyed by it)."""
+    update = find_callback(trainer, NullSpaceUpdate)
     return update.edits_applied if update is not None else trainer.global_step

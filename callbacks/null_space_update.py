@@ -3,17 +3,23 @@
 At fit start it loads (or computes) the preserved-key statistics C0 of the edited layers
 and builds the null-space bases (AlphaEdit) or keeps C0 (MEMIT). After each training
 step it applies the closed-form update of the batch, layer by layer, with the target
-values the step produced, and grows the sequential cache. It owns the edit state in the
-checkpoint (edited weights, caches, counters) and writes the edited model at the end.
+values the step produced (rescaled to the norm anchor when one is calibrated), rolls back
+a batch it must reject, and grows the sequential cache. It owns the edit state in the
+checkpoint (edited weights, caches, counters) and refuses to resume it with other settings.
+
+What is measured or written around the edits is the other callbacks' job (`DriftMonitor`,
+`EditHistory`, `EditCheckpoint`, `ExportEditedModel`); they read this one through its public
+attributes (``editor``, ``layers``, ``edits_applied``, ``applied_requests``, ``rejected``,
+``timing``, ``corpus``, ``collective``), ``deltas``, ``unedited`` and ``watchers``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
@@ -25,18 +31,7 @@ from lightning_alphaedit.algebra import default_threshold, kept_dimension
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.corpus import Corpus, load_corpus
 from lightning_alphaedit.datamodule import EditStreamDataModule
-from lightning_alphaedit.drift import DriftConfig, DriftReference
-from lightning_alphaedit.evaluation import TEACHER_FORCED
-from lightning_alphaedit.export import (
-    HISTORY_FILE,
-    RESULTS_FILE,
-    base_model_source,
-    check_export_target,
-    export_edited_model,
-    run_directory,
-)
 from lightning_alphaedit.finetune import FineTuneConfig, finetune
-from lightning_alphaedit.health import BatchHealth
 from lightning_alphaedit.norm_anchor import (
     NormAnchorConfig,
     anchor_targets,
@@ -46,12 +41,11 @@ from lightning_alphaedit.norm_anchor import (
     cached_anchor,
     projection_outputs,
 )
-from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.resume import check_edit_settings, edit_settings
 from lightning_alphaedit.statistics import StatisticsConfig, layer_statistics, model_fingerprint
 from lightning_alphaedit.strategy import EditingDDPStrategy
-from lightning_alphaedit.timing import EDIT_PHASES, format_seconds, peak_memory, timed
+from lightning_alphaedit.timing import timed
 from lightning_alphaedit.update import (
     MAX_UPDATE_RATIO,
     RECT_FRACTION,
@@ -68,6 +62,21 @@ REJECTION_POLICIES = ("continue", "stop")
 NO_CHANGE = 1e-6
 """An applied batch whose update is below this fraction of every edited weight's norm (float32
 rounding level) changed nothing: it is reported as such."""
+
+LayerWatcher = Callable[[int, torch.Tensor], None]
+"""Called with (layer, change) as the editor applies each layer's update (before a rollback)."""
+
+
+@dataclass
+class EditedBatch:
+    """The last training batch as the update handled it (what monitors read after the step)."""
+
+    requests: list[EditRequest]
+    applied: bool
+    delta_norms: dict[int, float]
+    """‖Δ‖ of each edited layer (empty when rejected)."""
+    values: torch.Tensor | None
+    """The target values z* the update used (u, d), every rank's rows; None for fine-tuning."""
 
 
 class NullSpaceUpdate(pl.Callback):
@@ -97,26 +106,15 @@ class NullSpaceUpdate(pl.Callback):
         max_update_ratio: A batch is rejected and rolled back when a layer's update has a Frobenius norm
             above this many times the layer's weight norm (normal updates are far below 1; a vanishing
             ``l2`` gives updates of 1e13). null = no bound.
-        export: Save the edited model (``save_pretrained``) with its deltas and applied edits at the end of fit.
-        export_dir: Where to save it; None = ``<run directory>/edited_model``. An existing folder must be
-            empty or an earlier export holding only its own files (checked at fit start): export never
-            deletes a file it did not write.
         baseline: Measure the unedited model on the whole stream before the first edit, so
-            every reported score has its baseline beside it.
-        drift: Held-out text on which the drift from the unedited model is measured after every
-            edit epoch and after the stream (``texts: 0`` turns it off).
-        checkpoint: Write ``<run directory>/checkpoints/last.ckpt`` after every edit epoch, atomically,
-            to resume a crashed run with ``--ckpt_path``. (Lightning's ModelCheckpoint counts optimizer
-            steps, and an edit step takes none, so it would not save between epochs.)
+            every reported score has its baseline beside it (measured here: it must come before
+            a resumed run's edits are restored).
         leakage_weight: λ1 of AlphaEdit's leakage penalty: adds λ1 times the mean squared change of the
             layer's output on the preserved keys to the objective (the "null space" is approximate:
             its eigenvalues are small, not zero). 0 = off (the paper's update); 3000 in BetaEdit's release.
         refresh_every: Rebuild the null space every this many edits from the eigenvectors below the
             threshold of (C_p / n + λ1 C0) / (λ1 + 1), so directions earlier edits used are protected
             too; keeps the full C_p (d_in x d_in) per layer. null = never (the paper).
-        health: Log per edited layer after every batch ``health/weight_ratio_layer{l}`` (‖W_t‖ / ‖W_0‖),
-            ``health/delta_norm_layer{l}`` (‖Δ‖), ``health/leakage_layer{l}`` (‖Δ k0‖ / ‖W_0 k0‖ on the
-            drift's held-out keys) and ``health/target_norm`` (mean ‖z*‖); validations record them too.
         norm_anchor: Rescale every target value to a norm calibrated on the unedited model, and skip
             (and report) edits whose value is far larger (`lightning_alphaedit.norm_anchor`). Off by default.
     """
@@ -130,20 +128,15 @@ class NullSpaceUpdate(pl.Callback):
         mom2_weight: float = 15000.0,
         statistics: StatisticsConfig = StatisticsConfig(),
         on_rejected: str = "continue",
-        export: bool = True,
-        export_dir: str | None = None,
         baseline: bool = True,
-        drift: DriftConfig = DriftConfig(),
         nullspace_rule: str = "absolute",
         projection: str | None = None,
         rect_fraction: float = RECT_FRACTION,
         finetune: FineTuneConfig = FineTuneConfig(),
-        checkpoint: bool = True,
         max_update_ratio: float | None = MAX_UPDATE_RATIO,
         leakage_weight: float = 0.0,
         refresh_every: int | None = None,
         norm_anchor: NormAnchorConfig = NormAnchorConfig(),
-        health: bool = False,
     ) -> None:
         check_method(method, projection, rect_fraction)
         check_update_ratio(max_update_ratio)
@@ -152,7 +145,7 @@ class NullSpaceUpdate(pl.Callback):
         self.leakage_weight, self.refresh_every = leakage_weight, refresh_every
         if norm_anchor.enabled and method == "ft":
             raise ValueError("norm_anchor rescales target values; the ft method has none")
-        self.norm_anchor, self.health = norm_anchor, health
+        self.norm_anchor = norm_anchor
         self.anchor: float | None = None  # calibrated at fit start
         self.anchor_skipped: list[str] = []  # case ids of the edits the anchor skipped
         if on_rejected not in REJECTION_POLICIES:
@@ -166,26 +159,20 @@ class NullSpaceUpdate(pl.Callback):
         self.l2, self.nullspace_threshold, self.mom2_weight = l2, nullspace_threshold, mom2_weight
         self.nullspace_rule = nullspace_rule
         self.projection, self.rect_fraction, self.finetune = projection, rect_fraction, finetune
-        self.checkpoint = checkpoint
-        self.checkpoint_path = None
-        self.statistics, self.on_rejected = statistics, on_rejected
-        self.export, self.export_dir, self.baseline = export, export_dir, baseline
-        self.drift = drift
-        self.drift_reference: DriftReference | None = None
-        self.history: list[dict] = []  # one record per validation: edits applied, scores, drift
-        self.results_path = None
-        self._test_drift: dict[str, float] = {}
-        self.timing: dict[str, float] = {}  # seconds per phase, summed over the run
-        self._stage_started = 0.0
+        self.statistics, self.on_rejected, self.baseline = statistics, on_rejected, baseline
+        self.timing: dict[str, float] = {}  # seconds per phase, summed over the run (monitors add theirs)
         self.editor: SequentialEditor | None = None
+        self.corpus: Corpus | None = None  # the statistics corpus, loaded at fit start (drift's held-out text)
         self.collective = Collective()  # the ranks of a multi-process run, set at fit start
         self.edits_applied = 0
         self.applied_requests: list = []
         self.rejected: list[dict] = []
-        self.exported_to = None
+        self.original_weights: dict[int, torch.Tensor] = {}  # the unedited edited layers, on the CPU
+        self.watchers: list[LayerWatcher] = []  # see LayerWatcher; monitors add theirs
+        self.last_batch: EditedBatch | None = None
         self._batch_started = time.perf_counter()
-        self._original_weights: dict[int, torch.Tensor] = {}
         self._restored: dict | None = None
+        self.history_in_checkpoint: list[dict] = []
         self._edit_settings: dict = {}  # what decides the edits, checked against a checkpoint's
 
     # --- fit start: checks, statistics, projectors (on the unedited model) ----------------------
@@ -216,15 +203,14 @@ class NullSpaceUpdate(pl.Callback):
         targets = pl_module.targets
         if self.layers[-1] >= targets.num_layers:
             raise ValueError(f"edited layer {self.layers[-1]} does not exist: the model has {targets.num_layers} layers")
-        self._check_export_folder(trainer)
         self.collective = Collective()
         pl_module.prepare_editing(self.layers[-1], optimize_values=self.method != "ft", collective=self.collective)
         device = pl_module.device
         with timed(self.timing, "statistics", device, announce=f"key statistics of layers {self.layers}"):  # cached or collected
-            corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
+            self.corpus = load_corpus(self.statistics.corpus, self.statistics.text_field, self.statistics.cache_dir)
             moments = {} if self.method == "ft" else layer_statistics(  # fine-tuning needs no C0
                 pl_module.lm, pl_module.tokenizer, targets, self.layers, self.statistics,
-                pl_module.lm_config.identity, corpus, self.collective,
+                pl_module.lm_config.identity, self.corpus, self.collective,
             )
         with timed(self.timing, "projector", device, announce=f"{self.label} projectors"):
             self.editor = SequentialEditor(
@@ -234,24 +220,18 @@ class NullSpaceUpdate(pl.Callback):
                 collective=self.collective, max_update_ratio=self.max_update_ratio,
                 leakage_weight=self.leakage_weight, refresh_every=self.refresh_every,
             )
-        self._original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
-        self._original_norms = {l: float(w.float().norm()) for l, w in self._original_weights.items()}
+        self.original_weights = {l: targets.weight(l).detach().to("cpu", copy=True) for l in self.layers}
         if self.norm_anchor.enabled:  # on the unedited model (a resumed run's edits come back later)
             with timed(self.timing, "norm_anchor", device):
                 self.anchor = self.collective.run_on_zero(lambda: self._calibrate_anchor(trainer, pl_module))
             log.info("norm anchor %.4g", self.anchor)
             for logger in trainer.loggers:
                 logger.log_metrics({"norm_anchor/anchor": self.anchor}, step=0)
-        if self.drift.texts and self.collective.is_zero:  # measured once, on rank 0 (_log_drift)
-            held_out = self._held_out_texts(corpus)
-            with timed(self.timing, "drift_reference", device, announce=f"drift reference on {len(held_out)} held-out texts"):
-                self.drift_reference = DriftReference(targets, pl_module.tokenizer, self.layers, held_out, self.drift)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 # charts of every validation figure against the number of edits, not the step
                 logger.experiment.define_metric("val/edits")
-                for prefix in ("val/*", "drift/*"):
-                    logger.experiment.define_metric(prefix, step_metric="val/edits")
+                logger.experiment.define_metric("val/*", step_metric="val/edits")
         if self.editor.null_spaces:
             ranks = {f"nullspace/rank_layer{l}": float(s.rank) for l, s in self.editor.null_spaces.items()}
             log.info("null-space ranks %s of %d directions", ranks, targets.key_size(self.layers[0]))
@@ -259,23 +239,6 @@ class NullSpaceUpdate(pl.Callback):
                 logger.log_metrics(ranks, step=0)
         if self._restored is not None:  # here, not at train start: a finished stream has no training batches
             self._resume(trainer, pl_module)
-
-    def _export_folder(self, trainer: pl.Trainer):
-        return self.export_dir or run_directory(trainer) / "edited_model"
-
-    def _check_export_folder(self, trainer: pl.Trainer) -> None:
-        """Refuse, before any statistics or edit, an export folder the end of the run could not use."""
-        if not self.export:
-            return
-        problem = None
-        if trainer.is_global_zero:  # rank 0 exports; every rank stops with its answer
-            try:
-                check_export_target(self._export_folder(trainer), run_directory(trainer))
-            except (ValueError, PermissionError) as error:
-                problem = error
-        problem = trainer.strategy.broadcast(problem, src=0)
-        if problem is not None:
-            raise problem
 
     def _calibrate_anchor(self, trainer: pl.Trainer, pl_module) -> float:
         stream = trainer.datamodule
@@ -307,37 +270,19 @@ class NullSpaceUpdate(pl.Callback):
         """The method as runs and tables name it (``memit+null_space``, ...)."""
         return method_label(self.method, self.projection)
 
-    def _held_out_texts(self, corpus: Corpus) -> list[str]:
-        """Drift texts: the corpus documents after the statistics sample (never in C0)."""
-        used = self.statistics.sample_count
-        held_out = list(corpus.texts[used : used + self.drift.texts])
-        if len(held_out) < self.drift.texts:
-            held_out = list(corpus.texts[-self.drift.texts :])
-            log.warning(
-                "corpus %s has %d documents, the statistics use %d: drift is measured on its last %d, "
-                "which the statistics also saw", corpus.identity, len(corpus.texts), used, len(held_out),
-            )
-        return held_out
-
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # A fresh run measures its baseline now, on the unedited weights (a resumed run has its
         # baseline and its edits back since on_fit_start).
-        baseline = None
         if self.baseline:
             stream = trainer.datamodule
             generation = " with generation" if pl_module.evaluation.generation else ""
             with timed(self.timing, "baseline", pl_module.device,
                        announce=f"unedited baseline on {len(stream.requests)} requests{generation}"):
-                baseline = pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
+                pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
         # Strategies that restore checkpoints after on_fit_start bring the edits back here.
         if self._restored is not None:
             self._restore(self._restored, pl_module)
             self._restored = None
-        if baseline and not self.history and trainer.is_global_zero:  # the curves start at 0 edits
-            self.history.append({"edits": 0, "epoch": -1} | {
-                f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
-            })
-            self._write_history(trainer)
 
     def _resume(self, trainer: pl.Trainer, pl_module) -> None:
         """A resumed run gets its edits back, whatever is left of its stream (maybe nothing).
@@ -350,8 +295,6 @@ class NullSpaceUpdate(pl.Callback):
                 pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
         self._restore(self._restored, pl_module)
         self._restored = None
-        if self.history and trainer.is_global_zero:  # the resumed run's folder carries the curves so far
-            self._write_history(trainer)
 
     def _restore(self, state: dict, pl_module) -> None:
         if "settings" in state:  # strategies that restore after on_fit_start are checked here
@@ -363,7 +306,6 @@ class NullSpaceUpdate(pl.Callback):
         self.edits_applied = state["edits_applied"]
         self.applied_requests = [EditRequest.from_dict(r) for r in state["applied_requests"]]
         self.rejected = list(state["rejected"])
-        self.history = list(state.get("history", []))
         self.anchor_skipped = list(state.get("anchor_skipped", []))
         for phase, seconds in state.get("timing", {}).items():  # earlier sessions of this run
             self.timing[phase] = self.timing.get(phase, 0.0) + seconds
@@ -389,13 +331,16 @@ class NullSpaceUpdate(pl.Callback):
             if self.anchor is not None and outputs["values"] is not None:
                 values = self._anchored(pl_module, outputs)
             values = gather(values)
-            health = BatchHealth(pl_module.targets, self.layers, self._original_norms, self.drift_reference)
             outcome = self.editor.apply_batch(
                 values,
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
-                watch=health.watch if self.health else None,
+                watch=self._watch if self.watchers else None,
             )
+        self.last_batch = EditedBatch(
+            list(requests), outcome.applied, dict(outcome.delta_norms) if outcome.applied else {},
+            None if self.method == "ft" else values,
+        )
         reached = self._targets_reached(outputs["values"], len(requests), pl_module)
         trainer.datamodule.advance(len(requests))
         for phase, seconds in {**outputs["seconds"], **outcome.seconds}.items():
@@ -407,9 +352,6 @@ class NullSpaceUpdate(pl.Callback):
             for layer, norm in outcome.delta_norms.items():
                 pl_module.log(f"edit/delta_norm_layer{layer}", norm, batch_size=len(requests))
             self._warn_if_unchanged(outcome, reached, batch_idx, pl_module)
-            if self.health and self.method != "ft":
-                for name, value in health.figures(outcome.delta_norms, values).items():
-                    pl_module.log(name, value, batch_size=len(requests))
         else:
             self.rejected.append({"case_ids": [r.case_id for r in requests], "reason": outcome.reason})
             log.warning("edit batch %d rejected and rolled back: %s", batch_idx, outcome.reason)
@@ -460,120 +402,49 @@ class NullSpaceUpdate(pl.Callback):
                 else f"the update's norm is below {NO_CHANGE:g} x the weight's at every layer ({ratios})",
             )
 
+    def _watch(self, layer: int, change: torch.Tensor) -> None:
+        for watcher in self.watchers:
+            watcher(layer, change)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.datamodule.exhausted:
             trainer.should_stop = True
-        if self.checkpoint and self.editor is not None:
-            self._save_checkpoint(trainer)
-
-    def _save_checkpoint(self, trainer: pl.Trainer) -> None:
-        """``last.ckpt`` replaced atomically: a crash while writing leaves the previous one."""
-        directory = run_directory(trainer) / "checkpoints"
-        partial = directory / ".last.ckpt.partial"
-        trainer.save_checkpoint(partial, weights_only=False)  # every rank takes part, rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(partial, directory / "last.ckpt")
-            self.checkpoint_path = directory / "last.ckpt"
-        trainer.strategy.barrier()
-
-    # --- validation and test: drift, the history, the results file ---------------------------------
-
-    def _log_drift(self, pl_module, prefix: str) -> dict[str, float]:
-        # rank 0 holds the reference and measures; every rank logs the same numbers
-        drift = self.collective.run_on_zero(self.drift_reference.measure if self.drift_reference is not None else dict)
-        for name, value in drift.items():
-            pl_module.log(f"{prefix}{name}", value, sync_dist=True)
-        return drift
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
-        self._stage_started = time.perf_counter()
-        if not trainer.sanity_checking:
-            rank_zero_info(f"validation after {self.edits_applied} edits ...")
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
-        self._stage_started = time.perf_counter()
-        generation = " with generation" if pl_module.evaluation.generation else ""
-        rank_zero_info(f"test on {trainer.datamodule.position} edited requests{generation} ...")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        pl_module.log("val/edits", float(self.edits_applied), sync_dist=True)
-        self._log_drift(pl_module, "drift/")
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        seconds = time.perf_counter() - self._stage_started
-        self.timing["validation"] = self.timing.get("validation", 0.0) + seconds
-        rank_zero_info(f"validation after {self.edits_applied} edits: done in {format_seconds(seconds)}")
-        record = {"edits": self.edits_applied, "epoch": trainer.current_epoch}
-        record.update({
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "drift/", "health/"))
-        })
-        record.pop("val/edits", None)
-        record["time/edit_seconds"] = sum(self.timing.get(phase, 0.0) for phase in EDIT_PHASES)  # so far, the run's whole
-        self.history = [r for r in self.history if r["edits"] != record["edits"]] + [record]
-        self._write_history(trainer)
-
-    def _write_history(self, trainer: pl.Trainer) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        write_text_atomic(run_directory(trainer) / HISTORY_FILE, lines)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self._test_drift = self._log_drift(pl_module, "test/drift/")
+        if not trainer.sanity_checking:  # the x axis of every validation figure
+            pl_module.log("val/edits", float(self.edits_applied), sync_dist=True)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        seconds = time.perf_counter() - self._stage_started
-        self.timing["test"] = self.timing.get("test", 0.0) + seconds
-        rank_zero_info(f"test on {trainer.datamodule.position} edited requests: done in {format_seconds(seconds)}")
-        edited = dict(pl_module.test_results or {})
-        edited.update({f"drift/{k}": v for k, v in self._test_drift.items()})
-        results = {
-            "method": self.method, "projection": self.projection, "label": self.label,
-            "layers": self.layers, "model": pl_module.lm_config.identity,
-            "edits_applied": self.edits_applied, "batches_rejected": len(self.rejected),
-            "requests_evaluated": trainer.datamodule.position,
-            "unedited": pl_module.baseline, "edited": edited, "history": self.history,
-            "timing_seconds": dict(self.timing), "memory": peak_memory(pl_module.device),
-        }
-        if self.anchor is not None:
-            results["norm_anchor"] = {"anchor": self.anchor, "skipped": list(self.anchor_skipped)}
+        if self.anchor is not None and trainer.is_global_zero:
             for logger in trainer.loggers:  # the skipped case ids beside the run in W&B
                 if isinstance(logger, WandbLogger):
                     logger.experiment.summary["norm_anchor/skipped"] = list(self.anchor_skipped)
-        self.results_path = write_text_atomic(run_directory(trainer) / RESULTS_FILE, json.dumps(results, indent=2))
-        log.info("results written to %s", self.results_path)
-
-    # --- end of fit: the edited model -----------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if self._restored is not None and self.editor is not None:  # restored after on_fit_start, nothing trained
+        self.apply_restored_edits(pl_module)
+
+    def apply_restored_edits(self, pl_module) -> None:
+        """A resumed run whose stream was already finished trains nothing: its checkpoint's edits
+        are put back here (at the latest at fit end, before anything exports them). Idempotent."""
+        if self._restored is not None and self.editor is not None:
             self._restore(self._restored, pl_module)
             self._restored = None
-        if not self.export or not trainer.is_global_zero or self.editor is None:
-            return
-        directory = self._export_folder(trainer)
-        rank_zero_info(f"writing the edited model to {directory} ...")
-        started = time.perf_counter()
-        self.exported_to = export_edited_model(
-            directory, pl_module.lm, pl_module.tokenizer, self.deltas(pl_module),
-            self.applied_requests,
-            summary={
-                "method": self.method, "layers": self.layers, "edits_applied": self.edits_applied,
-                "batches_rejected": self.rejected, "l2": self.l2, "nullspace_threshold": self.nullspace_threshold,
-                "nullspace_rule": self.nullspace_rule, "projection": self.projection,
-                "rect_fraction": self.rect_fraction, "finetune": asdict(self.finetune),
-                "mom2_weight": self.mom2_weight, "statistics": asdict(self.statistics),
-                "leakage_weight": self.leakage_weight, "refresh_every": self.refresh_every,
-                "model": pl_module.lm_config.identity, "base_model": base_model_source(pl_module.lm_config),
-            },
-            run_dir=run_directory(trainer),
-        )
-        rank_zero_info(f"writing the edited model: done in {format_seconds(time.perf_counter() - started)}")
-        log.info("edited model written to %s", self.exported_to)
+
+    @contextmanager
+    def unedited(self, pl_module) -> Iterator[None]:
+        """Inside, the edited layers hold their original weights (a resumed run's edits are back
+        from fit start on, and a monitor's reference belongs to the unedited model)."""
+        targets = pl_module.targets
+        current = {l: targets.weight(l).detach().clone() for l in self.original_weights}
+        with torch.no_grad():
+            for layer, weight in self.original_weights.items():
+                targets.weight(layer).copy_(weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in current.items():
+                    targets.weight(layer).copy_(weight)
 
     @property
     def failure(self) -> str | None:
@@ -590,7 +461,7 @@ class NullSpaceUpdate(pl.Callback):
         """Edited minus original weight of each edited parameter, in the parameter's layout."""
         targets = pl_module.targets
         return {
-            targets.weight_name(l): targets.weight(l).detach().cpu().float() - self._original_weights[l].float()
+            targets.weight_name(l): targets.weight(l).detach().cpu().float() - self.original_weights[l].float()
             for l in self.layers
         }
 
@@ -606,7 +477,6 @@ class NullSpaceUpdate(pl.Callback):
             "edits_applied": self.edits_applied,
             "applied_requests": [r.to_dict() for r in self.applied_requests],
             "rejected": list(self.rejected),
-            "history": list(self.history),
             "timing": dict(self.timing),
             "settings": dict(self._edit_settings),
             "anchor_skipped": list(self.anchor_skipped),
@@ -614,3 +484,5 @@ class NullSpaceUpdate(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict or None
+        # older checkpoints kept the validation history in the edit state: EditHistory takes it from here
+        self.history_in_checkpoint = list((state_dict or {}).get("history", []))

@@ -2,7 +2,7 @@
 
 There is no second code path: ``edit`` parses its arguments with the CLI's parser (the
 same YAML configs, the same defaults, the same ``--help`` fields), builds the same
-module, edit stream, ``NullSpaceUpdate`` callback and Trainer, runs ``trainer.fit`` and
+module, edit stream, callbacks (``NullSpaceUpdate`` and the standard monitors) and Trainer, runs ``trainer.fit`` and
 the test stage as ``lightning-alphaedit fit`` does, and hands back what it edited.
 """
 
@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lightning_alphaedit.ask import Answers, ask
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.cli import AlphaEditCLI, _cli, quiet_lightning
 from lightning_alphaedit.export import run_directory
 from lightning_alphaedit.requests import EditDataError, EditRequest, _parse_project_record, _Where, write_jsonl
@@ -129,11 +129,12 @@ def edit(
 
     trainer.fit(module, datamodule=stream)
     cli.after_fit()  # the test stage and the table, as the CLI runs them
-    update = next(cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+    update, export = find_callback(trainer, NullSpaceUpdate), find_callback(trainer, ExportEditedModel)
+    exported = export.exported_to if export is not None else None
     return EditResult(
         model=module.lm, tokenizer=module.tokenizer, requests=list(update.applied_requests),
         scores={"unedited": dict(module.baseline or {}), "edited": dict(module.test_results or {})},
-        run_dir=run_directory(trainer), edited_model_dir=Path(update.exported_to) if update.exported_to else None,
+        run_dir=run_directory(trainer), edited_model_dir=Path(exported) if exported else None,
         deltas=update.deltas(module), trainer=trainer,
     )
 

@@ -146,7 +146,7 @@ def edited_model_folder(path: str | Path) -> Path:
             return folder
     raise FileNotFoundError(
         f"{path}: neither an edited model (no {SUMMARY_FILE}) nor a run folder with {EDITED_MODEL}/ inside "
-        "(a run writes it unless edit.export is false)"
+        "(a run writes it unless export.enabled is false)"
     )
 
 

@@ -15,7 +15,10 @@ shows the key statistics' eigenvalues and the null space each selection rule kee
 `lightning_alphaedit.ask`).
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
-``NullSpaceUpdate`` callback is always present and configured under ``edit:``.
+``NullSpaceUpdate`` callback is always present and configured under ``edit:``; the standard
+monitors beside it under their own keys: ``drift:`` (`DriftMonitor`), ``history:``
+(`EditHistory`), ``checkpoint:`` (`EditCheckpoint`) and ``export:`` (`ExportEditedModel`);
+``enabled: false`` leaves one out.
 W&B runs offline unless ``WANDB_MODE`` says otherwise.
 """
 
@@ -31,7 +34,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_alphaedit.ask import main as ask_main
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import STANDARD_MONITORS, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.export import run_directory
@@ -71,8 +74,17 @@ class SaveRunConfig(SaveConfigCallback):
 class AlphaEditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
+        for key, monitor in STANDARD_MONITORS.items():
+            parser.add_lightning_class_args(monitor, key)
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
         parser.add_class_arguments(SpectrumConfig, "spectrum", fail_untyped=False)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer with ``edit`` and the standard monitors, less those configured ``enabled: false``."""
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks = [cb for cb in callbacks if getattr(cb, "enabled", True)]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
         """A ``ckpt_path`` must be one of this framework's checkpoints (refused clearly otherwise).
@@ -94,16 +106,18 @@ class AlphaEditCLI(LightningCLI):
     def after_fit(self) -> None:
         """The test stage on every edited request (the paper's protocol), then the table."""
         trainer = self.trainer
-        update = next(cb for cb in trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+        update = find_callback(trainer, NullSpaceUpdate)
+        history, export = find_callback(trainer, EditHistory), find_callback(trainer, ExportEditedModel)
         if self.datamodule.position:
             trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         if not trainer.is_global_zero:
             return
         print(f"\nedits applied: {update.edits_applied}, batches rejected: {len(update.rejected)}")
-        print(format_results(self.model.baseline or {}, self.model.test_results or {}, update.results_path))
+        results_path = history.results_path if history is not None else None
+        print(format_results(self.model.baseline or {}, self.model.test_results or {}, results_path))
         print(f"run folder:   {run_directory(trainer)}")
-        if update.exported_to:
-            print(f"edited model: {update.exported_to}")
+        if export is not None and export.exported_to:
+            print(f"edited model: {export.exported_to}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
@@ -221,7 +235,7 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
     module = cli.model
     module.configure_model()
     module.lm.to(cli.trainer.strategy.root_device)
-    update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+    update = find_callback(cli.trainer, NullSpaceUpdate)
     corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
     with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
         moments = layer_statistics(module.lm, module.tokenizer, module.targets, update.layers, update.statistics,
@@ -244,6 +258,6 @@ def main(args: list[str] | None = None) -> None:
         sys.stdout.reconfigure(line_buffering=True)  # a log file (SLURM) sees each line as it is written
     cli = run(args)
     if isinstance(cli, AlphaEditCLI) and cli.subcommand == "fit":
-        update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
+        update = find_callback(cli.trainer, NullSpaceUpdate)
         if update.failure:
             sys.exit(f"lightning-alphaedit: {update.failure}")

@@ -26,7 +26,7 @@ RESULTS_FILE = "results.json"
 SUMMARY_FILE = "alphaedit_summary.json"
 """In the edited model's folder: the method, its settings and the base model it was made from."""
 EDITED_MODEL = "edited_model"
-"""The edited model's folder inside a run folder (unless ``edit.export_dir`` says otherwise)."""
+"""The edited model's folder inside a run folder (unless ``export.dir`` says otherwise)."""
 
 
 def base_model_source(config) -> dict:
@@ -66,11 +66,11 @@ def check_export_target(directory: str | os.PathLike, run_dir: str | os.PathLike
         if target == run or target in run.parents:
             raise ValueError(
                 f"export folder {target} holds the run folder {run} (its checkpoints, config and metrics): "
-                "choose another --edit.export_dir, e.g. the default <run folder>/edited_model"
+                "choose another --export.dir, e.g. the default <run folder>/edited_model"
             )
     if target.exists() or target.is_symlink():
         if not target.is_dir() or target.is_symlink():
-            raise ValueError(f"export folder {target} exists and is not a folder (a file or a link): choose another --edit.export_dir")
+            raise ValueError(f"export folder {target} exists and is not a folder (a file or a link): choose another --export.dir")
         entries = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
         if entries:
             foreign = _not_written_by_export(target, entries)
@@ -78,7 +78,7 @@ def check_export_target(directory: str | os.PathLike, run_dir: str | os.PathLike
                 shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
                 raise ValueError(
                     f"export folder {target} is not empty and holds files an export of lightning-alphaedit did not "
-                    f"write ({shown}); exporting would replace them. Choose a new or empty --edit.export_dir"
+                    f"write ({shown}); exporting would replace them. Choose a new or empty --export.dir"
                 )
         writable = target
     else:

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lightning_alphaedit.api import EditResult, edit
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import ExportEditedModel, find_callback
 from lightning_alphaedit.cli import run
 from lightning_alphaedit.export import DELTAS_FILE
 from lightning_alphaedit.requests import EditDataError, EditRequest
@@ -19,7 +19,7 @@ from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-FAST = {"evaluation.generation": False, "edit.drift.texts": 0, "trainer.logger": False}
+FAST = {"evaluation.generation": False, "drift.texts": 0, "trainer.logger": False}
 """Settings that make a tiny run quicker without changing what is edited."""
 
 
@@ -51,8 +51,7 @@ def test_the_docstring_example_runs_on_the_tiny_model():
 def test_edit_builds_what_the_cli_builds(tmp_path):
     """Same config, same seed: the API's run and the CLI's run change the weights identically."""
     cli = run(["fit", "--config", str(TINY), "--data.limit", "8", "--trainer.enable_progress_bar", "false"])
-    update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
-    cli_deltas = load_file(str(Path(update.exported_to) / DELTAS_FILE))
+    cli_deltas = load_file(str(Path(find_callback(cli.trainer, ExportEditedModel).exported_to) / DELTAS_FILE))
     result = edit("tiny", limit=8, enable_progress_bar=False)
     assert result.run_dir != Path(cli.trainer.default_root_dir)
     assert result.scores["edited"] == pytest.approx(cli.model.test_results, rel=1e-6)

@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_alphaedit.ask import Answer, format_answers, load_edited, unedited_weights
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import ExportEditedModel, find_callback
 from lightning_alphaedit.cli import run
 from lightning_alphaedit.export import SUMMARY_FILE
 from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
@@ -30,10 +30,9 @@ def tiny_run(tmp_path_factory):
                             "LIGHTNING_ALPHAEDIT_CACHE": tmp_path_factory.getbasetemp() / "cache"}.items():
             patch.setenv(name, str(value))
         cli = run(["fit", "--config", str(TINY), "--data.limit", "4", "--data.edits_per_epoch", "4",
-                   "--model.evaluation.generation", "false", "--edit.drift.texts", "0",
+                   "--model.evaluation.generation", "false", "--drift.texts", "0",
                    "--trainer.enable_progress_bar", "false"])
-    update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
-    return Path(update.exported_to).parent
+    return Path(find_callback(cli.trainer, ExportEditedModel).exported_to).parent
 
 
 def greedy(model, tokenizer, prompt: str, tokens: int) -> str:

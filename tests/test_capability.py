@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_alphaedit.callbacks import CapabilityConfig, CapabilityMonitor, NullSpaceUpdate
+from lightning_alphaedit.callbacks import CapabilityConfig, CapabilityMonitor, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.cli import AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
@@ -126,7 +126,7 @@ def test_fit_logs_and_checkpoints_capability(task_folder, tmp_path):
     assert monitor.records[0][brier] != monitor.records[1][brier] != monitor.records[2][brier]
 
     # the history the report draws: every validation line, capability where it was measured
-    run_folder = Path(update.results_path).parent
+    run_folder = Path(find_callback(cli.trainer, EditHistory).results_path).parent
     history = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
     assert [h["edits"] for h in history] == [0, 4, 8, 12]
     assert [name in h for h in history] == [True, False, True, True]
@@ -167,7 +167,7 @@ def test_fit_logs_and_checkpoints_capability(task_folder, tmp_path):
     tokenizer.save_pretrained(tmp_path / "unedited")
     unedited_scores = lm_eval_reference(tmp_path / "unedited", task_folder, limit=12)
     assert unedited_scores == pytest.approx({k: v for k, v in monitor.records[0].items() if k != "edits"}, rel=1e-6)
-    edited = lm_eval_reference(Path(update.exported_to), task_folder, limit=12)
+    edited = lm_eval_reference(Path(find_callback(cli.trainer, ExportEditedModel).exported_to), task_folder, limit=12)
     assert edited == pytest.approx({k: v for k, v in monitor.records[-1].items() if k != "edits"}, rel=1e-6)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 
 from lightning_alphaedit.cli import AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
@@ -54,14 +54,14 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert str(root).startswith(str(tmp_path / "runs"))  # LIGHTNING_ALPHAEDIT_RUNS from conftest
     saved = list(root.rglob("config.yaml"))
     assert len(saved) == 1 and yaml.safe_load(saved[0].read_text())["data"]["limit"] == 8
-    assert (Path(update.exported_to) / "config.json").exists()
+    assert (Path(find_callback(cli.trainer, ExportEditedModel).exported_to) / "config.json").exists()
     assert list(root.rglob("offline-run-*")), "no W&B offline run was written"
     out = capsys.readouterr().out
     assert "edits applied: 8" in out and "edited model:" in out
     # the test stage ran after fit: both columns hold a number, and the files hold the same
     match = re.search(r"\n  efficacy\s+([\d.]+)\s+([\d.]+)\n", out)
     assert match, out
-    results = json.loads(Path(update.results_path).read_text())
+    results = json.loads(Path(find_callback(cli.trainer, EditHistory).results_path).read_text())
     assert results["edits_applied"] == 8 and results["requests_evaluated"] == 8
     assert float(match[1]) == round(100 * results["unedited"]["efficacy"], 1)
     assert float(match[2]) == round(100 * results["edited"]["efficacy"], 1)
@@ -70,7 +70,7 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
               "validation", "test"}
     assert phases <= set(results["timing_seconds"]) and all(v >= 0 for v in results["timing_seconds"].values())
     assert results["memory"]["process_peak_rss_bytes"] > 100 * 2**20
-    history = [json.loads(line) for line in (Path(update.results_path).parent / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(find_callback(cli.trainer, EditHistory).results_path).parent / "metrics.jsonl").read_text().splitlines()]
     assert [h["edits"] for h in history] == [0, 8] and "drift/kl" in history[1]
     assert history[0]["val/efficacy"] == results["unedited"]["efficacy"]  # the curves start at the baseline
 
@@ -93,7 +93,7 @@ def test_report_draws_two_runs_on_shared_figures(tmp_path, capsys):
     for method in ("alphaedit", "memit"):
         cli = run(["fit", "--config", str(config), "--data.limit", "8", "--data.edits_per_epoch", "4",
                    "--edit.method", method, "--trainer.enable_progress_bar", "false"])
-        folders.append(str(Path(next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate)).results_path).parent))
+        folders.append(str(Path(find_callback(cli.trainer, EditHistory).results_path).parent))
     out = tmp_path / "report"
     assert run(["report", *folders, "--output", str(out)]) == out
     table = (out / "report.md").read_text()

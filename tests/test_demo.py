@@ -62,7 +62,7 @@ def test_the_demo_edits_take_hold_on_smollm2(monkeypatch):
 
     monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(USER_CACHE))  # the cached model, corpus, statistics
     result = edit("smollm2-135m", limit=20, edits_per_epoch=20, **{
-        "data.batch_size": 20, "model.evaluation.generation": False, "edit.drift.texts": 0, "trainer.logger": False,
+        "data.batch_size": 20, "model.evaluation.generation": False, "drift.texts": 0, "trainer.logger": False,
     })
     unedited, edited = result.scores["unedited"], result.scores["edited"]
     assert unedited["efficacy"] <= 0.1 and edited["efficacy"] >= 0.9, (unedited, edited)

@@ -199,26 +199,31 @@ def test_options_through_the_trainer(tmp_path):
     from pytorch_lightning.loggers import WandbLogger
     from test_pipeline import build
 
+    from lightning_alphaedit.callbacks import DriftMonitor, EditHistory
     from lightning_alphaedit.export import run_directory
     from lightning_alphaedit.norm_anchor import NormAnchorConfig
 
     module, data, update = build(
-        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4, health=True,
+        tmp_path, limit=8, baseline=False, leakage_weight=50.0, refresh_every=4,
         norm_anchor=NormAnchorConfig(enabled=True, count=8, skip_factor=1.05),
     )
     logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
     pl_trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
         logger=logger, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=str(tmp_path), callbacks=[update],
+        default_root_dir=str(tmp_path), callbacks=[update, DriftMonitor(health=True), EditHistory()],  # no export
     )
-    pl_trainer.fit(module, datamodule=data)
-    pl_trainer.test(module, datamodule=data, verbose=False)
+    try:
+        pl_trainer.fit(module, datamodule=data)
+        pl_trainer.test(module, datamodule=data, verbose=False)
+        skipped_in_wandb = list(logger.experiment.summary["norm_anchor/skipped"])
+    finally:  # as the CLI does: an unfinished W&B run would take in the next run of this process
+        logger.experiment.finish()
     assert update.edits_applied == 8 and not update.rejected
     assert update.editor.edits == 8 and update.editor.full_caches  # refreshed twice, after 4 and 8 edits
     run = run_directory(pl_trainer)
     results = json.loads((run / "results.json").read_text())
-    assert logger.experiment.summary["norm_anchor/skipped"] == update.anchor_skipped
+    assert skipped_in_wandb == update.anchor_skipped
     assert 0 < len(update.anchor_skipped) < 8  # 1.05 x the anchor: some values are above it, not all
     cached = [json.loads(p.read_text()) for p in (tmp_path / "stats" / "norm-anchor").iterdir()]
     assert len(cached) == 1 and results["norm_anchor"]["anchor"] == cached[0]["anchor"] > 0

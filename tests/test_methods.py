@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_alphaedit.callbacks import NullSpaceUpdate
+from lightning_alphaedit.callbacks import ExportEditedModel, NullSpaceUpdate
 from test_pipeline import build, trainer
 
 from lightning_alphaedit import algebra
 from lightning_alphaedit.algebra import NullSpace
 from lightning_alphaedit.corpus import load_corpus
-from lightning_alphaedit.drift import DriftConfig
 from lightning_alphaedit.finetune import FineTuneConfig, finetune, target_nll
 from lightning_alphaedit.keys import block_outputs, request_keys
 from lightning_alphaedit.requests import read_requests
@@ -249,14 +248,15 @@ def test_finetune_stays_in_the_ball_and_lowers_the_target_nll(tiny):
 ])
 def test_method_end_to_end(tmp_path, method, projection):
     module, data, update = build(
-        tmp_path, method=method, limit=8, projection=projection, baseline=False, drift=DriftConfig(texts=0)
+        tmp_path, method=method, limit=8, projection=projection, baseline=False,
     )
-    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    export = ExportEditedModel(dir=str(tmp_path / "export"))  # alone beside the update: no drift, no history
+    trainer(tmp_path, [update, export], standard=False).fit(module, datamodule=data)
     assert update.edits_applied == 8 and not update.rejected
     unedited = build(tmp_path / "fresh")[0]
     unedited.configure_model()
     for layer in range(module.targets.num_layers):
         changed = not torch.equal(module.targets.weight(layer), unedited.targets.weight(layer))
         assert changed == (layer in update.layers), f"layer {layer}"
-    summary = json.loads((Path(update.exported_to) / "alphaedit_summary.json").read_text())
+    summary = json.loads((Path(export.exported_to) / "alphaedit_summary.json").read_text())
     assert (summary["method"], summary["projection"]) == (method, projection)

@@ -53,13 +53,13 @@ def mode(path: Path) -> int:
 
 def test_resuming_a_finished_run_keeps_its_edits(tmp_path, umask_022, capsys):
     export = tmp_path / "edited"
-    fit("--trainer.logger.init_args.id", "done", "--edit.export_dir", str(export))
+    fit("--trainer.logger.init_args.id", "done", "--export.dir", str(export))
     first = run_folder(tmp_path, "done")
     deltas = load_file(export / DELTAS_FILE)
     assert all(d.abs().max() > 0 for d in deltas.values())
     edited = json.loads((first / "results.json").read_text())["edited"]
     # as after a kill during the last validation, the export or the test: the checkpoint has the whole stream
-    fit("--trainer.logger.init_args.id", "again", "--edit.export_dir", str(export),
+    fit("--trainer.logger.init_args.id", "again", "--export.dir", str(export),
         "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
     out = capsys.readouterr().out
     assert "edits applied: 8" in out.split("run folder:")[-2], out
@@ -83,7 +83,7 @@ def test_export_refuses_a_folder_with_a_users_files_before_editing(tmp_path):
     (export / "sub" / "important.csv").write_text("a,b\n1,2\n")
     export.chmod(0o755)
     with pytest.raises(ValueError, match="notes.txt") as error:
-        fit("--trainer.logger.init_args.id", "r", "--edit.export_dir", str(export))
+        fit("--trainer.logger.init_args.id", "r", "--export.dir", str(export))
     assert str(export) in str(error.value)
     assert (export / "notes.txt").read_text() == "my notes"
     assert (export / "sub" / "important.csv").read_text() == "a,b\n1,2\n"
@@ -96,7 +96,7 @@ def test_export_into_the_run_folder_is_refused_and_the_run_kept(tmp_path):
     first = run_folder(tmp_path, "first")
     kept = {p: p.read_bytes() for p in (first / "checkpoints" / "last.ckpt", first / "config.yaml", first / "metrics.jsonl")}
     with pytest.raises(ValueError, match="export folder"):
-        fit("--trainer.logger.init_args.id", "second", "--edit.export_dir", str(first),
+        fit("--trainer.logger.init_args.id", "second", "--export.dir", str(first),
             "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
     for path, content in kept.items():
         assert path.read_bytes() == content, path
@@ -135,7 +135,7 @@ def test_a_run_whose_batches_were_all_rejected_exits_non_zero(tmp_path, capsys):
     for policy in ("continue", "stop"):
         with pytest.raises(SystemExit) as exit:
             fit("--edit.l2", "1e-30", "--model.values.num_grad_steps", "3", "--edit.on_rejected", policy,
-                "--edit.drift.texts", "0")
+                "--drift.texts", "0")
         assert exit.value.code not in (0, None) and "nothing was edited" in str(exit.value.code)
         assert "edits applied: 0, batches rejected:" in capsys.readouterr().out  # the summary is printed
 

@@ -9,11 +9,18 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from lightning_alphaedit.callbacks import NullSpaceUpdate
 from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_alphaedit.algebra import KeyMoments
+from lightning_alphaedit.callbacks import (
+    DriftMonitor,
+    EditCheckpoint,
+    EditHistory,
+    ExportEditedModel,
+    NullSpaceUpdate,
+    find_callback,
+)
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE
 from lightning_alphaedit.models import ModelConfig
@@ -38,12 +45,21 @@ def build(tmp_path: Path, method: str = "alphaedit", path: str = "tiny_edits.jso
         layers=LAYERS, method=method, l2=l2, mom2_weight=100.0,
         statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
                                     cache_dir=str(tmp_path / "stats"), progress=False),
-        export_dir=str(tmp_path / f"export-{method}"), **edit,
+        **edit,
     )
     return module, data, update
 
 
-def trainer(tmp_path: Path, callbacks, max_epochs: int = -1, checkpoint: bool = False):
+def monitors(tmp_path: Path, method: str = "alphaedit") -> list[pl.Callback]:
+    """The standard callbacks beside the update, as the CLI adds them (the export in ``tmp_path``)."""
+    return [DriftMonitor(), EditHistory(), EditCheckpoint(), ExportEditedModel(dir=str(tmp_path / f"export-{method}"))]
+
+
+def trainer(tmp_path: Path, callbacks, max_epochs: int = -1, checkpoint: bool = False, standard: bool = True):
+    """A CPU trainer; with ``standard``, a NullSpaceUpdate among ``callbacks`` gets the standard monitors."""
+    update = next((cb for cb in callbacks if isinstance(cb, NullSpaceUpdate)), None)
+    if standard and update is not None:
+        callbacks = [*callbacks, *monitors(tmp_path, update.method)]
     return pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1,
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -204,7 +220,7 @@ def test_export_loads_with_plain_transformers(alphaedit_run):
     from transformers import AutoModelForCausalLM
 
     tmp, module, _, update = alphaedit_run
-    export = Path(update.exported_to)
+    export = tmp / "export-alphaedit"
     loaded = AutoModelForCausalLM.from_pretrained(export)
     edited = dict(module.lm.named_parameters())
     for name, param in loaded.named_parameters():
@@ -213,7 +229,7 @@ def test_export_loads_with_plain_transformers(alphaedit_run):
     assert sorted(deltas) == sorted(module.targets.weight_name(l) for l in LAYERS)
     for layer in LAYERS:
         name = module.targets.weight_name(layer)
-        torch.testing.assert_close(update._original_weights[layer] + deltas[name], edited[name].detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(update.original_weights[layer] + deltas[name], edited[name].detach(), rtol=0, atol=1e-6)
     applied = read_requests(export / EDITS_FILE)
     assert [r.case_id for r in applied] == [f"tiny-{i}" for i in range(16)]
     summary = json.loads((export / "alphaedit_summary.json").read_text())
@@ -233,19 +249,22 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(alphaedit_run, t
     torch.save(state, tmp_path / "ckpt" / "last.ckpt")
     resumed, data2, update2 = build(tmp_path)
     ckpt2 = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, save_top_k=0)
-    trainer(tmp_path, [update2, ckpt2], checkpoint=True).fit(resumed, datamodule=data2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    second = trainer(tmp_path, [update2, ckpt2], checkpoint=True)
+    second.fit(resumed, datamodule=data2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    history = find_callback(second, EditHistory).history
     assert update2.edits_applied == 16 and data2.position == 16
     assert resumed.context_templates == uninterrupted.context_templates
     assert resumed.baseline["efficacy"] == -1.0
     # the history goes on from the checkpoint's, and ends where the uninterrupted run's does
-    _, _, _, uninterrupted_update = alphaedit_run
-    assert [h["edits"] for h in update2.history] == [0, 8, 16]
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == update2.history
-    for name, value in uninterrupted_update.history[-1].items():
+    uninterrupted_tmp = alphaedit_run[0]
+    assert [h["edits"] for h in history] == [0, 8, 16]
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
+    last = json.loads((uninterrupted_tmp / "metrics.jsonl").read_text().splitlines()[-1])
+    for name, value in last.items():
         if not name.startswith("time/"):  # wall-clock seconds: never equal
-            assert update2.history[-1][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+            assert history[-1][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     # the edit time goes on from the checkpoint's too: it only grows
-    assert 0 < update2.history[1]["time/edit_seconds"] < update2.history[2]["time/edit_seconds"]
+    assert 0 < history[1]["time/edit_seconds"] < history[2]["time/edit_seconds"]
     reference = dict(uninterrupted.lm.named_parameters())
     for name, param in resumed.lm.named_parameters():
         torch.testing.assert_close(param, reference[name], rtol=0, atol=1e-6, msg=name)
@@ -279,14 +298,14 @@ def test_non_finite_update_is_rolled_back(tmp_path):
     module, data, update = build(tmp_path, values=values, limit=8)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.lm.named_parameters()}
-    trainer(tmp_path, [update]).fit(module, datamodule=data)
+    pl_trainer = trainer(tmp_path, [update])
+    pl_trainer.fit(module, datamodule=data)
     assert update.edits_applied == 0 and len(update.rejected) == 2
     assert "not finite" in update.rejected[0]["reason"]
     for name, param in module.lm.named_parameters():
         assert torch.equal(param, before[name]), name
     # an unchanged model: the test stage (Lightning's loop) gives exactly the baseline that the
     # callback measured before the first batch, seeded fluency samples included
-    pl_trainer = trainer(tmp_path, [update])
     pl_trainer.test(module, datamodule=data, verbose=False)
     assert module.test_results == module.baseline and "fluency" in module.baseline
     drift = json.loads((tmp_path / "results.json").read_text())["edited"]
@@ -319,7 +338,7 @@ def test_bf16_true_precision_edits_a_bfloat16_model(tmp_path):
     run = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, reload_dataloaders_every_n_epochs=1, precision="bf16-true",
         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[update],
+        enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[update, *monitors(tmp_path)],
     )
     run.fit(module, datamodule=data)
     weights = edited_weights(module)
@@ -336,7 +355,7 @@ def test_a_finite_but_absurd_update_is_rejected_and_rolled_back(tmp_path):
     module, data, update = build(tmp_path, l2=1e-30, limit=8, max_update_ratio=None)
     trainer(tmp_path, [update]).fit(module, datamodule=data)
     assert update.edits_applied == 8  # without a bound it is applied, and it is absurd
-    weights = {layer: update._original_weights[layer].float().norm() for layer in LAYERS}
+    weights = {layer: update.original_weights[layer].float().norm() for layer in LAYERS}
     ratios = {layer: float(d.norm() / weights[int(layer)]) for layer, d in
               zip(LAYERS, update.deltas(module).values())}
     assert max(ratios.values()) > 10, ratios
@@ -361,7 +380,7 @@ def test_a_batch_that_changes_nothing_is_reported(tmp_path, caplog, lr):
     with caplog.at_level(logging.WARNING, logger="lightning_alphaedit"):
         pl_trainer.fit(module, datamodule=data)
     unchanged = [r for r in caplog.records if "changed nothing" in r.getMessage()]
-    ratio = max(float(d.norm() / update._original_weights[layer].float().norm())
+    ratio = max(float(d.norm() / update.original_weights[layer].float().norm())
                 for layer, d in zip(LAYERS, update.deltas(module).values()))
     if lr == 1e30:
         assert len(unchanged) == 2 and "z* equal to z0" in unchanged[0].getMessage()
@@ -402,7 +421,7 @@ def test_resume_with_other_edit_settings_is_refused_before_any_statistics(tmp_pa
     module, data, _ = build(tmp_path)
     stats = tmp_path / "other-stats"
     other_layers = NullSpaceUpdate(
-        layers=[1, 3], mom2_weight=100.0, export=False,
+        layers=[1, 3], mom2_weight=100.0,
         statistics=StatisticsConfig(corpus="tiny-corpus", sample_count=200, max_length=128,
                                     cache_dir=str(stats), progress=False),
     )
