@@ -217,3 +217,39 @@ def test_capability_overlays_load_on_a_model_config(model_config, overlay):
     assert monitors[0].config.tasks == config["tasks"] and monitors[0].config.limit == config["limit"]
     monitors[0].check_tasks()  # every task name is one lm-eval knows
     assert any(isinstance(cb, NullSpaceUpdate) for cb in cli.trainer.callbacks)
+
+
+def test_two_processes_measure_like_one(task_folder, tmp_path):
+    """Under DDP (two CPU processes, gloo, through the CLI) rank 0 evaluates and the history
+    holds the same numbers as a one-process run of the same stream."""
+    import os
+    import subprocess
+
+    overlay = tmp_path / "capability.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"logger": False, "callbacks": [
+        {"class_path": "lightning_alphaedit.callbacks.CapabilityMonitor", "init_args": {"config": {
+            "tasks": [TASK], "limit": 10, "include_path": str(task_folder), "include_defaults": False,
+            "batch_size": 4}}}]}}))
+    stream = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(overlay), "--data.limit", "10",
+              "--data.batch_size", "5", "--data.edits_per_epoch", "10", "--model.evaluation.generation", "false",
+              "--export.enabled", "false", "--trainer.enable_progress_bar", "false"]
+    two = ["--config", str(ROOT / "configs" / "cluster" / "ddp.yaml"), "--trainer.accelerator", "cpu",
+           "--trainer.devices", "2", "--trainer.strategy.init_args.process_group_backend", "gloo"]
+    histories = []
+    for name, extra in (("one", []), ("two", two)):
+        environment = {**os.environ, "LIGHTNING_ALPHAEDIT_RUNS": str(tmp_path / name),
+                       "LIGHTNING_ALPHAEDIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+                       "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "lightning_alphaedit", "fit", *stream, *extra], cwd=ROOT,
+                              env=environment, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        [history] = (tmp_path / name).rglob("metrics.jsonl")  # rank 0 alone writes it
+        histories.append([json.loads(line) for line in history.read_text().splitlines()])
+    one, two_processes = histories
+    metrics = [k for k in one[0] if k.startswith("capability/")]
+    assert metrics and [h["edits"] for h in two_processes] == [h["edits"] for h in one] == [0, 10]
+    for record_one, record_two in zip(one, two_processes):
+        for name in metrics:
+            assert record_two[name] == pytest.approx(record_one[name], rel=1e-4, abs=1e-6), (record_one["edits"], name)
+    brier = f"capability/{TASK}/brier_score"
+    assert one[0][brier] != one[1][brier]  # measured on the live model: the edits moved the answers
