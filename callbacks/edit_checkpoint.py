@@ -20,7 +20,8 @@ class EditCheckpoint(pl.Callback):
     """Writes ``last.ckpt`` after every edit epoch; a crash while writing leaves the previous one.
 
     Args:
-        enabled: False: the CLI and ``edit()`` leave this callback out (a crashed run cannot be resumed).
+        enabled: False: writes nothing (the CLI and ``edit()`` leave it out); a crashed run cannot
+            be resumed.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -28,6 +29,8 @@ class EditCheckpoint(pl.Callback):
         self.checkpoint_path = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         if require_callback(trainer, NullSpaceUpdate, "EditCheckpoint").editor is None:
             return  # nothing edited yet
         directory = run_directory(trainer) / "checkpoints"

@@ -39,8 +39,8 @@ class EditHistory(pl.Callback):
     of a `DriftMonitor` when there is one.
 
     Args:
-        enabled: False: the CLI and ``edit()`` leave this callback out (no ``metrics.jsonl``,
-            no ``results.json``).
+        enabled: False: records and writes nothing, no ``metrics.jsonl``, no ``results.json`` (the
+            CLI and ``edit()`` leave it out).
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -53,6 +53,8 @@ class EditHistory(pl.Callback):
         return require_callback(trainer, NullSpaceUpdate, "EditHistory")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         if not self.history:  # a checkpoint written before this callback held the history
             self.history = [dict(r) for r in self._update(trainer).history_in_checkpoint]
         if self.history and trainer.is_global_zero:  # a resumed run's folder carries the curves so far
@@ -60,7 +62,7 @@ class EditHistory(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         baseline = pl_module.baseline
-        if baseline and not self.history and trainer.is_global_zero:  # the curves start at 0 edits
+        if baseline and not self.history and trainer.is_global_zero and self.enabled:  # the curves start at 0 edits
             self.history.append({"edits": 0, "epoch": -1} | {
                 f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
             })
@@ -69,6 +71,8 @@ class EditHistory(pl.Callback):
     def merge(self, trainer: pl.Trainer, records: Iterable[Mapping], epoch: int | None = None) -> None:
         """Put figures into the line of their edit count (each record holds ``edits``; a line
         missing is made, with ``epoch``) and rewrite ``metrics.jsonl`` if anything changed."""
+        if not self.enabled:
+            return
         changed = False
         for record in records:
             line = next((h for h in self.history if h["edits"] == record["edits"]), None)
@@ -91,11 +95,11 @@ class EditHistory(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and self.enabled:
             rank_zero_info(f"validation after {self._update(trainer).edits_applied} edits ...")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.enabled:
             return
         update = self._update(trainer)
         seconds = time.perf_counter() - self._stage_started
@@ -113,10 +117,11 @@ class EditHistory(pl.Callback):
     def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._stage_started = time.perf_counter()
         generation = " with generation" if pl_module.evaluation.generation else ""
-        rank_zero_info(f"test on {trainer.datamodule.position} edited requests{generation} ...")
+        if self.enabled:
+            rank_zero_info(f"test on {trainer.datamodule.position} edited requests{generation} ...")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not self.enabled:
             return
         update = self._update(trainer)
         seconds = time.perf_counter() - self._stage_started

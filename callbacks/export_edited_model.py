@@ -28,7 +28,7 @@ class ExportEditedModel(pl.Callback):
     """Saves the edited model with its deltas and applied edits at the end of fit (rank 0).
 
     Args:
-        enabled: False: the CLI and ``edit()`` leave this callback out (nothing is exported).
+        enabled: False: nothing is checked or exported (the CLI and ``edit()`` leave it out).
         dir: Where to save it; None = ``<run folder>/edited_model``. An existing folder must be
             empty or an earlier export holding only its own files (checked when the run starts).
     """
@@ -42,7 +42,7 @@ class ExportEditedModel(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         """Refuse, before any statistics or edit, an export folder the end of the run could not use."""
-        if stage != "fit":
+        if stage != "fit" or not self.enabled:
             return
         problem = None
         if trainer.is_global_zero:  # rank 0 exports; every rank stops with its answer
@@ -55,6 +55,8 @@ class ExportEditedModel(pl.Callback):
             raise problem
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
         update = require_callback(trainer, NullSpaceUpdate, "ExportEditedModel")
         update.apply_restored_edits(pl_module)  # a resumed finished run: its edits, before writing them
         if not trainer.is_global_zero or update.editor is None:

@@ -142,6 +142,22 @@ def test_checkpoint_alone_is_a_resumable_checkpoint(tmp_path):
     assert update2.edits_applied == 16 and data2.position == 16
 
 
+def test_monitors_built_disabled_write_nothing(tmp_path):
+    """``enabled=False`` on a callback built by hand and given to a Trainer: it does nothing."""
+    module, data, update = build(tmp_path, limit=8)
+    history, checkpoint = EditHistory(enabled=False), EditCheckpoint(enabled=False)
+    export = ExportEditedModel(enabled=False, dir=str(tmp_path / "exported"))
+    pl_trainer = trainer(tmp_path, [update, history, checkpoint, export], standard=False)
+    pl_trainer.fit(module, datamodule=data)
+    pl_trainer.test(module, datamodule=data, verbose=False)
+    history.merge(pl_trainer, [{"edits": 8, "other/score": 0.5}])
+    assert update.edits_applied == 8
+    assert history.history == [] and history.results_path is None
+    assert checkpoint.checkpoint_path is None and export.exported_to is None
+    for name in (HISTORY_FILE, RESULTS_FILE, "last.ckpt", DELTAS_FILE):
+        assert not list(tmp_path.rglob(name)), name
+
+
 def test_history_alone_and_its_merge(tmp_path):
     module, data, update = build(tmp_path, limit=8)
     history = EditHistory()
