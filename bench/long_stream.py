@@ -45,6 +45,7 @@ SETTINGS: dict[str, list[str]] = {
     # the reference method, then the levers of the literature after it, alone and combined
     "alphaedit": [],
     "alphaedit+mpes": MPES,
+    "alphaedit+mpes+extra1": [*MPES, "--model.values.extra_steps", "1"],
     "alphaedit+mpes+leakage3000": [*MPES, "--edit.leakage_weight", "3000"],
     "alphaedit+mpes+leakage10000": [*MPES, "--edit.leakage_weight", "10000"],
     "alphaedit+mpes+leakage3000+refresh500": [*MPES, "--edit.leakage_weight", "3000", "--edit.refresh_every", "500"],
