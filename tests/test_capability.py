@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_distributed import TWO_PROCESSES
 
 from lightning_alphaedit.callbacks import CapabilityConfig, CapabilityMonitor, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.cli import AlphaEditCLI, run
@@ -233,10 +234,8 @@ def test_two_processes_measure_like_one(task_folder, tmp_path):
     stream = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(overlay), "--data.limit", "10",
               "--data.batch_size", "5", "--data.edits_per_epoch", "10", "--model.evaluation.generation", "false",
               "--export.enabled", "false", "--trainer.enable_progress_bar", "false"]
-    two = ["--config", str(ROOT / "configs" / "cluster" / "ddp.yaml"), "--trainer.accelerator", "cpu",
-           "--trainer.devices", "2", "--trainer.strategy.init_args.process_group_backend", "gloo"]
     histories = []
-    for name, extra in (("one", []), ("two", two)):
+    for name, extra in (("one", []), ("two", TWO_PROCESSES)):
         environment = {**os.environ, "LIGHTNING_ALPHAEDIT_RUNS": str(tmp_path / name),
                        "LIGHTNING_ALPHAEDIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
                        "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
