@@ -13,7 +13,8 @@ torch jobs on the same cores slow each other down many times over.
 Writes, under ``--output`` (default ``bench/results/long-stream``): ``summary.json``, one record
 per validation of every setting (edits, efficacy, generalization, specificity, the unedited
 specificity of the same requests, held-out perplexity edited and unedited, edit seconds per
-request so far), ``summary.md`` (the last validation of each setting) and ``curves.png``.
+request so far), ``summary.md`` (the last validation of each setting), ``curves.png`` and
+``frontier.png`` (efficacy and generalization against the perplexity rise, a point per setting).
 The run folders (checkpoints included) go under ``--runs``.
 
 Run by hand from the repository root; needs ../shared/data (it says so when absent).
@@ -59,6 +60,8 @@ EARLIER_RUNS = {
     (1000, "alphaedit"): ROOT / "bench" / "results" / "gpu-h200" / "long-n1000-b100" / "alphaedit-metrics.jsonl",
     (1000, "memit"): ROOT / "bench" / "results" / "long-n1000-b100-cpu-memit" / "memit-metrics.jsonl",
 }
+# the aims of a long stream: (efficacy, generalization, perplexity rise in %) at least, at least, at most
+TARGETS = {1000: (95, 85, 5), 3000: (93, 80, 10)}
 FIGURES = (("efficacy", "val/efficacy"), ("generalization", "val/generalization"),
            ("specificity", "val/specificity"), ("perplexity", "drift/perplexity"))
 
@@ -143,6 +146,7 @@ def summarize(args) -> None:
     write_text_atomic(args.output / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     draw(list(merged.values()), args.output / "curves.png")
+    draw_frontier(list(merged.values()), args.output / "frontier.png")
 
 
 def _read_summary(output: Path) -> list[dict]:
@@ -168,6 +172,36 @@ def draw(rows: list[dict], path: Path) -> None:
         axis.set_title(figure_name + ("" if not unedited else " (dashed: unedited, same requests)"), fontsize=9)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_file(path) as partial:
+        figure.savefig(partial, format="png", dpi=110)
+    plt.close(figure)
+
+
+def draw_frontier(rows: list[dict], path: Path) -> None:
+    """Efficacy and generalization against the perplexity rise at each setting's last validation,
+    a panel per stream length: what each setting trades for what."""
+    lengths = sorted({r["n"] for r in rows})
+    figure, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+    for axis, n in zip(axes[0], lengths):
+        for setting in sorted({r["setting"] for r in rows if r["n"] == n}):
+            own = [r for r in rows if r["setting"] == setting and r["n"] == n and r["edits"]]
+            last = max(own, key=lambda r: r["edits"], default=None)
+            if last is None or not last.get("perplexity") or not last.get("perplexity_unedited"):
+                continue
+            rise = 100 * (last["perplexity"] / last["perplexity_unedited"] - 1)
+            drawn = axis.scatter([rise], [last["efficacy"]], marker="o", label=f"{setting} ({last['edits']} edits)")
+            axis.scatter([rise], [last["generalization"]], marker="^", color=drawn.get_facecolor())
+        if n in TARGETS:  # the aims, dotted: a setting meeting them sits left of the line, above both
+            efficacy, generalization, rise = TARGETS[n]
+            axis.axvline(rise, color="grey", linestyle=":")
+            axis.axhline(efficacy, color="grey", linestyle=":")
+            axis.axhline(generalization, color="grey", linestyle=":")
+        axis.set_xlabel("held-out perplexity rise over the unedited model (%)")
+        axis.set_ylabel("efficacy (o), generalization (^)")
+        axis.set_title(f"N = {n}: the last validation of each setting", fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     with atomic_file(path) as partial:
         figure.savefig(partial, format="png", dpi=110)
