@@ -47,6 +47,7 @@ SETTINGS: dict[str, list[str]] = {
     "alphaedit": [],
     "alphaedit+mpes": MPES,
     "alphaedit+mpes+extra1": [*MPES, "--model.values.extra_steps", "1"],
+    "alphaedit+mpes+leakage300": [*MPES, "--edit.leakage_weight", "300"],
     "alphaedit+mpes+leakage3000": [*MPES, "--edit.leakage_weight", "3000"],
     "alphaedit+mpes+leakage10000": [*MPES, "--edit.leakage_weight", "10000"],
     "alphaedit+mpes+leakage3000+refresh500": [*MPES, "--edit.leakage_weight", "3000", "--edit.refresh_every", "500"],
