@@ -129,10 +129,12 @@ def summarize(args) -> None:
     specific = unedited_specificity(args)
     summary = [r for name in SETTINGS for r in records(name, args, specific)]
     args.output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.output / f"summary-n{args.n}.json", json.dumps(summary, indent=1))
+    # runs whose folders are gone (another machine, an earlier session) keep their records
     merged = {(r["setting"], r["edits"], r.get("n", args.n)): r for r in _read_summary(args.output)}
     merged.update({(r["setting"], r["edits"], args.n): r | {"n": args.n} for r in summary})
     write_text_atomic(args.output / "summary.json", json.dumps(list(merged.values()), indent=1))
+    this_length = [{k: v for k, v in r.items() if k != "n"} for (_, _, n), r in merged.items() if n == args.n]
+    write_text_atomic(args.output / f"summary-n{args.n}.json", json.dumps(this_length, indent=1))
 
     def cell(value, digits=1):
         return "" if value is None else f"{value:.{digits}f}"
