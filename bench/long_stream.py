@@ -50,6 +50,7 @@ SETTINGS: dict[str, list[str]] = {
     "alphaedit+mpes+leakage300": [*MPES, "--edit.leakage_weight", "300"],
     "alphaedit+mpes+leakage3000": [*MPES, "--edit.leakage_weight", "3000"],
     "alphaedit+mpes+leakage10000": [*MPES, "--edit.leakage_weight", "10000"],
+    "alphaedit+mpes+leakage300+refresh500": [*MPES, "--edit.leakage_weight", "300", "--edit.refresh_every", "500"],
     "alphaedit+mpes+leakage3000+refresh500": [*MPES, "--edit.leakage_weight", "3000", "--edit.refresh_every", "500"],
     "alphaedit+mpes+anchor": [*MPES, "--edit.norm_anchor.enabled", "true"],
     "alphaedit+whole-corpus": ["--edit.statistics.sample_count", "10033", "--edit.statistics.max_length", "128"],
