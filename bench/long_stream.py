@@ -53,6 +53,7 @@ SETTINGS: dict[str, list[str]] = {
     "alphaedit+mpes+leakage300+refresh500": [*MPES, "--edit.leakage_weight", "300", "--edit.refresh_every", "500"],
     "alphaedit+mpes+leakage3000+refresh500": [*MPES, "--edit.leakage_weight", "3000", "--edit.refresh_every", "500"],
     "alphaedit+mpes+anchor": [*MPES, "--edit.norm_anchor.enabled", "true"],
+    "alphaedit+mpes+extra1+leakage300": [*MPES, "--model.values.extra_steps", "1", "--edit.leakage_weight", "300"],
     "alphaedit+whole-corpus": ["--edit.statistics.sample_count", "10033", "--edit.statistics.max_length", "128"],
     "memit": ["--edit.method", "memit"],
     "memit+mpes": ["--edit.method", "memit", *MPES],
