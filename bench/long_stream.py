@@ -42,6 +42,8 @@ CONFIG = ROOT / "bench" / "smollm2-counterfact30.yaml"
 RUN_FOLDER = "bench-counterfact30"  # the config's default_root_dir under $LIGHTNING_ALPHAEDIT_RUNS (no logger)
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 MPES = ["--model.values.early_stop", "most_probable"]
+# C0 from every document of the bench corpus (10,033) but the last 16, which stay held out for drift
+WHOLE_CORPUS = ["--edit.statistics.sample_count", "10017", "--edit.statistics.max_length", "128"]
 SETTINGS: dict[str, list[str]] = {
     # the reference method, then the levers of the literature after it, alone and combined
     "alphaedit": [],
@@ -54,7 +56,8 @@ SETTINGS: dict[str, list[str]] = {
     "alphaedit+mpes+leakage3000+refresh500": [*MPES, "--edit.leakage_weight", "3000", "--edit.refresh_every", "500"],
     "alphaedit+mpes+anchor": [*MPES, "--edit.norm_anchor.enabled", "true"],
     "alphaedit+mpes+extra1+leakage300": [*MPES, "--model.values.extra_steps", "1", "--edit.leakage_weight", "300"],
-    "alphaedit+whole-corpus": ["--edit.statistics.sample_count", "10033", "--edit.statistics.max_length", "128"],
+    "alphaedit+whole-corpus": WHOLE_CORPUS,
+    "alphaedit+mpes+whole-corpus": [*MPES, *WHOLE_CORPUS],
     "memit": ["--edit.method", "memit"],
     "memit+mpes": ["--edit.method", "memit", *MPES],
 }
