@@ -162,17 +162,26 @@ def _read_summary(output: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def palette(keys) -> dict:
+    """A distinct colour per key: the default cycle has 10, and there are more settings than that."""
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colours = tab20[::2] + tab20[1::2]  # the ten dark shades first, then the light ones
+    return {key: colours[i % len(colours)] for i, key in enumerate(sorted(keys))}
+
+
 def draw(rows: list[dict], path: Path) -> None:
     """Efficacy, specificity and perplexity against edits, a line per setting (and stream length)."""
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     lines = sorted({(r["setting"], r["n"]) for r in rows}, key=lambda s: (s[1], s[0]))
+    colour = palette(lines)
     for axis, (figure_name, unedited) in zip(axes, (("efficacy", None), ("specificity", "specificity_unedited"),
                                                      ("perplexity", "perplexity_unedited"))):
         for setting, n in lines:
             points = sorted((r["edits"], r[figure_name], r.get(unedited)) for r in rows
                             if r["setting"] == setting and r["n"] == n and r.get(figure_name) is not None)
             label = setting if len({m for _, m in lines}) == 1 else f"{setting} (N = {n})"
-            drawn = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            drawn = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                              color=colour[setting, n])
             if unedited:
                 axis.plot([p[0] for p in points if p[2] is not None], [p[2] for p in points if p[2] is not None],
                           linestyle="--", color=drawn[0].get_color(), alpha=0.5)
@@ -191,6 +200,7 @@ def draw_frontier(rows: list[dict], path: Path) -> None:
     a panel per stream length: what each setting trades for what."""
     lengths = sorted({r["n"] for r in rows})
     figure, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+    colour = palette({r["setting"] for r in rows})  # a setting keeps its colour across panels
     for axis, n in zip(axes[0], lengths):
         for setting in sorted({r["setting"] for r in rows if r["n"] == n}):
             own = [r for r in rows if r["setting"] == setting and r["n"] == n and r["edits"]]
@@ -198,8 +208,9 @@ def draw_frontier(rows: list[dict], path: Path) -> None:
             if last is None or not last.get("perplexity") or not last.get("perplexity_unedited"):
                 continue
             rise = 100 * (last["perplexity"] / last["perplexity_unedited"] - 1)
-            drawn = axis.scatter([rise], [last["efficacy"]], marker="o", label=f"{setting} ({last['edits']} edits)")
-            axis.scatter([rise], [last["generalization"]], marker="^", color=drawn.get_facecolor())
+            axis.scatter([rise], [last["efficacy"]], marker="o", color=colour[setting],
+                         label=f"{setting} ({last['edits']} edits)")
+            axis.scatter([rise], [last["generalization"]], marker="^", color=colour[setting])
         if n in TARGETS:  # the aims, dotted: a setting meeting them sits left of the line, above both
             efficacy, generalization, rise = TARGETS[n]
             axis.axvline(rise, color="grey", linestyle=":")
