@@ -173,15 +173,16 @@ def draw(rows: list[dict], path: Path) -> None:
     """Efficacy, specificity and perplexity against edits, a line per setting (and stream length)."""
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     lines = sorted({(r["setting"], r["n"]) for r in rows}, key=lambda s: (s[1], s[0]))
-    colour = palette(lines)
+    colour = palette({setting for setting, _ in lines})  # the frontier's colours; the stream length by marker
+    marker = dict(zip(sorted({n for _, n in lines}), "osD^v"))
     for axis, (figure_name, unedited) in zip(axes, (("efficacy", None), ("specificity", "specificity_unedited"),
                                                      ("perplexity", "perplexity_unedited"))):
         for setting, n in lines:
             points = sorted((r["edits"], r[figure_name], r.get(unedited)) for r in rows
                             if r["setting"] == setting and r["n"] == n and r.get(figure_name) is not None)
             label = setting if len({m for _, m in lines}) == 1 else f"{setting} (N = {n})"
-            drawn = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
-                              color=colour[setting, n])
+            drawn = axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker[n], label=label,
+                              color=colour[setting])
             if unedited:
                 axis.plot([p[0] for p in points if p[2] is not None], [p[2] for p in points if p[2] is not None],
                           linestyle="--", color=drawn[0].get_color(), alpha=0.5)
