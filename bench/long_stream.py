@@ -181,11 +181,11 @@ def draw(rows: list[dict], path: Path) -> None:
             points = sorted((r["edits"], r[figure_name], r.get(unedited)) for r in rows
                             if r["setting"] == setting and r["n"] == n and r.get(figure_name) is not None)
             label = setting if len({m for _, m in lines}) == 1 else f"{setting} (N = {n})"
-            drawn = axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker[n], label=label,
-                              color=colour[setting])
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=marker[n], label=label,
+                      color=colour[setting])
             if unedited:
                 axis.plot([p[0] for p in points if p[2] is not None], [p[2] for p in points if p[2] is not None],
-                          linestyle="--", color=drawn[0].get_color(), alpha=0.5)
+                          linestyle="--", color=colour[setting], alpha=0.5)
         axis.set_xlabel("edits applied")
         axis.set_title(figure_name + ("" if not unedited else " (dashed: unedited, same requests)"), fontsize=9)
         axis.grid(alpha=0.3)
