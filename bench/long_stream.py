@@ -198,7 +198,8 @@ def draw(rows: list[dict], path: Path) -> None:
 
 def draw_frontier(rows: list[dict], path: Path) -> None:
     """Efficacy and generalization against the perplexity rise at each setting's last validation,
-    a panel per stream length: what each setting trades for what."""
+    a panel per stream length: what each setting trades for what. A faint line joins a setting's
+    earlier validations, so settings that stopped at different lengths still compare edit for edit."""
     lengths = sorted({r["n"] for r in rows})
     figure, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
     colour = palette({r["setting"] for r in rows})  # a setting keeps its colour across panels
@@ -209,6 +210,11 @@ def draw_frontier(rows: list[dict], path: Path) -> None:
             if last is None or not last.get("perplexity") or not last.get("perplexity_unedited"):
                 continue
             rise = 100 * (last["perplexity"] / last["perplexity_unedited"] - 1)
+            # the efficacy path through earlier validations: a run still going compares at equal edits
+            trail = [(100 * (r["perplexity"] / r["perplexity_unedited"] - 1), r["efficacy"])
+                    for r in sorted(own, key=lambda r: r["edits"]) if r.get("perplexity") and r.get("perplexity_unedited")]
+            axis.plot([x for x, _ in trail], [y for _, y in trail], color=colour[setting], alpha=0.3, linewidth=1,
+                      marker=".", markersize=4)
             axis.scatter([rise], [last["efficacy"]], marker="o", color=colour[setting],
                          label=f"{setting} ({last['edits']} edits)")
             axis.scatter([rise], [last["generalization"]], marker="^", color=colour[setting])
@@ -219,7 +225,7 @@ def draw_frontier(rows: list[dict], path: Path) -> None:
             axis.axhline(generalization, color="grey", linestyle=":")
         axis.set_xlabel("held-out perplexity rise over the unedited model (%)")
         axis.set_ylabel("efficacy (o), generalization (^)")
-        axis.set_title(f"N = {n}: the last validation of each setting", fontsize=9)
+        axis.set_title(f"N = {n}: the last validation of each setting (faint: efficacy at earlier ones)", fontsize=9)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
