@@ -205,16 +205,16 @@ def draw_frontier(rows: list[dict], path: Path) -> None:
     colour = palette({r["setting"] for r in rows})  # a setting keeps its colour across panels
     for axis, n in zip(axes[0], lengths):
         for setting in sorted({r["setting"] for r in rows if r["n"] == n}):
-            own = [r for r in rows if r["setting"] == setting and r["n"] == n and r["edits"]]
-            last = max(own, key=lambda r: r["edits"], default=None)
-            if last is None or not last.get("perplexity") or not last.get("perplexity_unedited"):
+            own = sorted((r for r in rows if r["setting"] == setting and r["n"] == n and r["edits"]),
+                         key=lambda r: r["edits"])
+            if not own or not own[-1].get("perplexity") or not own[-1].get("perplexity_unedited"):
                 continue
-            rise = 100 * (last["perplexity"] / last["perplexity_unedited"] - 1)
-            # the efficacy path through earlier validations: a run still going compares at equal edits
+            # (rise, efficacy) at every validation: a run still going compares at equal edits
             trail = [(100 * (r["perplexity"] / r["perplexity_unedited"] - 1), r["efficacy"])
-                    for r in sorted(own, key=lambda r: r["edits"]) if r.get("perplexity") and r.get("perplexity_unedited")]
+                     for r in own if r.get("perplexity") and r.get("perplexity_unedited")]
             axis.plot([x for x, _ in trail], [y for _, y in trail], color=colour[setting], alpha=0.3, linewidth=1,
                       marker=".", markersize=4)
+            last, rise = own[-1], trail[-1][0]
             axis.scatter([rise], [last["efficacy"]], marker="o", color=colour[setting],
                          label=f"{setting} ({last['edits']} edits)")
             axis.scatter([rise], [last["generalization"]], marker="^", color=colour[setting])
