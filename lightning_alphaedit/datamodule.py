@@ -52,7 +52,7 @@ class EditStreamDataModule(pl.LightningDataModule):
     Args:
         path: Edit requests: CounterFact (original or EasyEdit), zsRE-MEND, or the project's JSONL.
             A bare name like ``tiny_edits.jsonl`` is looked up in the package's data folder too.
-        format: ``auto`` (detect), ``counterfact``, ``easyedit_counterfact``, ``zsre`` or ``jsonl``.
+        format: ``auto`` (detect), ``counterfact``, ``easyedit_counterfact``, ``zsre``, ``qaedit`` or ``jsonl``.
         batch_size: Requests per edit batch (one training step).
         edits_per_epoch: Requests per edit epoch; validation runs after each. None = the whole stream.
         limit: Edit only the first ``limit`` requests (after shuffling). None = all.

@@ -13,6 +13,8 @@ Edit data comes in several schemas, so there is one reader per schema, all retur
 * :func:`read_easyedit_counterfact` - EasyEdit's simplified CounterFact, with the
   subject written into ``prompt``;
 * :func:`read_zsre` - the zsRE question answering edits as prepared for MEND;
+* :func:`read_qaedit` - QAEdit (the WILD benchmark): real questions with new answers
+  and locality questions, but no old answer;
 * :func:`read_jsonl` - this project's own schema, one JSON object per line
   (:meth:`EditRequest.to_dict`), also written by :func:`write_jsonl`.
 
@@ -57,13 +59,14 @@ __all__ = [
     "read_counterfact",
     "read_easyedit_counterfact",
     "read_jsonl",
+    "read_qaedit",
     "read_requests",
     "read_zsre",
     "validate_requests",
     "write_jsonl",
 ]
 
-FORMATS: tuple[str, ...] = ("counterfact", "easyedit_counterfact", "zsre", "jsonl")
+FORMATS: tuple[str, ...] = ("counterfact", "easyedit_counterfact", "zsre", "qaedit", "jsonl")
 """The schema names accepted by :func:`read_requests` (besides ``"auto"``)."""
 
 SUBJECT_SLOT = "{}"
@@ -450,6 +453,46 @@ def _parse_zsre_record(raw: Any, where: _Where) -> EditRequest:
     )
 
 
+def _parse_qaedit_record(raw: Any, where: _Where) -> EditRequest:
+    """One QAEdit record: a question (``prompt``), its new answer and locality questions.
+
+    QAEdit has no old answer, so ``target_true`` is ``None``: the evaluation takes the
+    unedited model's own answer instead. Its ids are numbered per source data set (NQ,
+    TQA, SQA) and repeat across them, so where ``source`` is given the case id is
+    ``"<source>-<id>"`` ("NQ-1104"); otherwise it is the id. ``rephrase`` may be absent
+    or null. Other fields are not used by editing and are not kept.
+    """
+    record = _Fields.of(raw, where)
+    case_id = record.case_id("id", allow_int=True)
+    source = record.optional_text("source")
+    if source is not None:
+        case_id = f"{source}-{case_id}"
+    where = where.with_case_id(case_id)
+    record = record.located(where)
+    template, subject = _template_from_text(
+        record.text("prompt"), record.text("subject"), where, "prompt"
+    )
+    target_new = record.text("target")
+    rephrase = record.optional_text("rephrase")
+    locality = record.list("locality")
+    if not locality:
+        # Without one there is nothing to tell whether the edit spilled over.
+        raise where.error("locality", "empty list: needs at least one locality question")
+    neighborhood = []
+    for i, item in enumerate(locality):
+        fields = _Fields.of(item, where, f"locality[{i}]")
+        neighborhood.append(NeighborhoodPrompt(fields.text("loc"), fields.text("loc_ans")))
+    return EditRequest(
+        case_id=case_id,
+        subject=subject,
+        prompt=template,
+        target_new=target_new,
+        target_true=None,
+        paraphrase_prompts=() if rephrase is None else (rephrase,),
+        neighborhood_prompts=tuple(neighborhood),
+    )
+
+
 _PROJECT_FIELDS = (
     "case_id",
     "subject",
@@ -524,7 +567,7 @@ def _read_text(path: Path) -> str:
 
 
 def _load_json_array(path: Path) -> list[_RawRecord]:
-    """Records of a file holding one JSON array (CounterFact, EasyEdit, zsRE)."""
+    """Records of a file holding one JSON array (CounterFact, EasyEdit, zsRE, QAEdit)."""
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
@@ -608,6 +651,8 @@ def _parser_for(format: str) -> _RecordParser:
         return _parse_easyedit_counterfact_record
     if format == "zsre":
         return _parse_zsre_record
+    if format == "qaedit":
+        return _parse_qaedit_record
     if format == "jsonl":
         return _parse_project_record
     raise ValueError(f"unknown edit data format {format!r}; choose one of {_choices()}")
@@ -664,6 +709,24 @@ def read_zsre(path: str | os.PathLike[str], *, skip_invalid: bool = False) -> li
     )
 
 
+def read_qaedit(
+    path: str | os.PathLike[str], *, skip_invalid: bool = False
+) -> list[EditRequest]:
+    """Read QAEdit (the WILD benchmark): a JSON array of questions with new answers.
+
+    The template is the question ``prompt`` with the subject's first occurrence replaced
+    by "{}" (a subject found only case-insensitively takes the question's spelling, see
+    :func:`read_zsre`); each ``locality`` item becomes a neighbourhood prompt ``loc``
+    answered by ``loc_ans``. ``target_true`` is ``None``: QAEdit has no old answer. Case
+    ids are ``"<source>-<id>"`` where a record names its source, since ids repeat across
+    sources.
+    """
+    path = Path(path)
+    return _parse_records(
+        str(path), _load_json_array(path), _parse_qaedit_record, skip_invalid=skip_invalid
+    )
+
+
 def read_jsonl(
     path: str | os.PathLike[str], *, skip_invalid: bool = False
 ) -> list[EditRequest]:
@@ -679,7 +742,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
     ``.jsonl`` files are the project's schema; ``.json`` files hold a JSON array whose
     first record's keys tell the schema apart (``requested_rewrite``: CounterFact;
-    ``src`` and ``alt``: zsRE; ``prompt`` and ``ground_truth``: EasyEdit CounterFact).
+    ``src`` and ``alt``: zsRE; ``prompt`` and ``ground_truth``: EasyEdit CounterFact;
+    ``prompt``, ``target``, ``subject`` and ``locality``: QAEdit).
     Anything else is an error asking for an explicit format, rather than a guess.
     """
     path = Path(path)
@@ -723,6 +787,8 @@ def _detect(path: Path, records: Sequence[_RawRecord]) -> str:
         return "zsre"
     elif {"prompt", "ground_truth"} <= keys:
         return "easyedit_counterfact"
+    elif {"prompt", "target", "subject", "locality"} <= keys:
+        return "qaedit"
     raise EditDataError(
         f"the first record's fields ({', '.join(sorted(map(str, keys)))}) match no known "
         f"schema for a {path.suffix} file; pass format= one of {_choices()}",

@@ -27,6 +27,7 @@ from lightning_alphaedit.requests import (
     read_counterfact,
     read_easyedit_counterfact,
     read_jsonl,
+    read_qaedit,
     read_requests,
     read_zsre,
     validate_requests,
@@ -644,3 +645,159 @@ def test_validate_warns_about_a_target_equal_to_the_true_one() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_requests([tiny_request()], byte_level_tokenizer(), "w")
+
+
+# --------------------------------------------------------------------------- QAEdit
+
+
+QAEDIT_SAMPLE = FIXTURES / "qaedit_sample.json"
+QAEDIT_REAL = Path(__file__).parents[2] / "shared/data/qaedit/qaedit-first500.json"
+
+
+def qaedit_records() -> list[dict]:
+    return json.loads(QAEDIT_SAMPLE.read_text(encoding="utf-8"))
+
+
+def test_read_qaedit_fixture() -> None:
+    requests = read_qaedit(QAEDIT_SAMPLE)
+    # ids repeat across sources (7 in NQ and in TQA), so the source is part of the case id
+    assert [r.case_id for r in requests] == ["NQ-7", "TQA-7", "SQA-q31", "NQ-112"]
+    assert requests[0] == EditRequest(
+        case_id="NQ-7",
+        subject="ceiling of the sistine chapel",
+        prompt="who painted the {}?",
+        target_new="Michelangelo",
+        target_true=None,  # QAEdit has no old answer
+        paraphrase_prompts=("Which artist painted the frescoes on the Sistine Chapel's ceiling?",),
+        neighborhood_prompts=(
+            NeighborhoodPrompt("who sang the theme song for the fresh prince of bel air", "Will Smith"),
+            NeighborhoodPrompt("how many players are on a rugby union team", "15"),
+            NeighborhoodPrompt("what is the capital city of new zealand", "Wellington"),
+        ),
+    )
+    symbol = requests[1]
+    assert (symbol.prompt, symbol.text) == (
+        "Which chemical element has the {}?",
+        "Which chemical element has the symbol Sb?",
+    )
+    assert symbol.neighborhood_prompts == (
+        NeighborhoodPrompt("Which planet is known as the Red Planet?", "Mars"),
+    )
+    # The subject as spelled in the question (case-insensitive match); no rephrase (null).
+    respighi = requests[2]
+    assert respighi.subject == "Ottorino Respighi"
+    assert respighi.prompt == "In which city was the composer {} born?"
+    assert respighi.paraphrase_prompts == ()
+    assert len(respighi.neighborhood_prompts) == 5
+    assert respighi.neighborhood_prompts[4] == NeighborhoodPrompt(
+        "which country has the largest population", "India"
+    )
+    doctor = requests[3]
+    assert doctor.target_new == "23 November 1963"  # " 23 November 1963" stripped
+    assert doctor.generation_prompts == ()
+    assert [n.target for n in doctor.neighborhood_prompts] == ["Sean Connery", "1989"]
+    for request, record in zip(requests, qaedit_records(), strict=True):
+        assert request.text == record["prompt"]
+    validate_requests(requests, byte_level_tokenizer(), str(QAEDIT_SAMPLE))
+
+
+def test_qaedit_detected_and_read_by_auto(tmp_path: Path) -> None:
+    assert "qaedit" in FORMATS
+    assert detect_format(QAEDIT_SAMPLE) == "qaedit"
+    assert read_requests(QAEDIT_SAMPLE, format="auto") == read_qaedit(QAEDIT_SAMPLE)
+    assert read_requests(QAEDIT_SAMPLE, format="qaedit") == read_qaedit(QAEDIT_SAMPLE)
+    # the other schemas are still told apart from it
+    for name, expected in [
+        ("easyedit_counterfact_sample.json", "easyedit_counterfact"),
+        ("zsre_sample.json", "zsre"),
+        ("multi_counterfact_sample.json", "counterfact"),
+    ]:
+        assert detect_format(FIXTURES / name) == expected
+    write_jsonl(read_qaedit(QAEDIT_SAMPLE), tmp_path / "out.jsonl")
+    assert read_jsonl(tmp_path / "out.jsonl") == read_qaedit(QAEDIT_SAMPLE)
+
+
+def test_qaedit_accepts_unknown_fields_and_no_source(tmp_path: Path) -> None:
+    records = qaedit_records()[:2]
+    records[0]["extra"] = {"anything": [1, 2]}
+    del records[1]["source"], records[1]["rephrase"]
+    requests = read_qaedit(write_json(tmp_path / "qa.json", records))
+    assert [r.case_id for r in requests] == ["NQ-7", "7"]
+    assert requests[1].paraphrase_prompts == ()
+
+
+def _drop(key: str):
+    return lambda record: record.pop(key)
+
+
+def _set(key: str, value: object):
+    return lambda record: record.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        (_drop("prompt"), "prompt", "missing"),
+        (_set("prompt", "   "), "prompt", "blank"),
+        (_drop("target"), "target", "missing"),
+        (_set("target", ""), "target", "empty string"),
+        (_drop("locality"), "locality", "missing"),
+        (_set("locality", {"loc": "q", "loc_ans": "a"}), "locality", "expected a list"),
+        (_set("locality", []), "locality", "needs at least one locality question"),
+        (lambda r: r["locality"].__setitem__(1, "who discovered penicillin"), "locality[1]",
+         "expected a JSON object"),
+        (lambda r: r["locality"][2].pop("loc_ans"), "locality[2].loc_ans", "missing"),
+        (lambda r: r["locality"][0].pop("loc"), "locality[0].loc", "missing"),
+        (_set("subject", "Giacomo Puccini"), "subject", "does not occur"),
+        (_set("id", True), "id", "expected a string or an integer"),
+    ],
+)
+def test_qaedit_bad_record(tmp_path: Path, change, field, problem) -> None:
+    records = qaedit_records()
+    change(records[2])
+    path = write_json(tmp_path / "qaedit-bad.json", records)
+    for read in (read_qaedit, read_requests):
+        with pytest.raises(EditDataError, match=problem) as error:
+            read(path)
+        assert_names(error, path, "record 2", f"field '{field}'")
+        if field != "id":
+            assert "case_id SQA-q31" in str(error.value)
+        assert (error.value.index, error.value.field) == (2, field)
+
+
+def test_qaedit_duplicate_ids(tmp_path: Path) -> None:
+    records = qaedit_records()
+    records[3]["id"] = 7  # NQ-7 again
+    path = write_json(tmp_path / "qaedit-dup.json", records)
+    with pytest.raises(EditDataError, match="duplicate") as error:
+        read_qaedit(path)
+    assert_names(error, path, "record 3", "record 0", "case_id NQ-7", "field 'case_id'")
+
+
+def test_qaedit_skip_invalid(tmp_path: Path) -> None:
+    records = qaedit_records()
+    records[1]["locality"] = []
+    path = write_json(tmp_path / "qaedit.json", records)
+    with pytest.warns(EditDataWarning, match=r"record 1 \(case_id TQA-7\): field 'locality'") as caught:
+        requests = read_requests(path, skip_invalid=True)
+    assert len(caught) == 1
+    assert [r.case_id for r in requests] == ["NQ-7", "SQA-q31", "NQ-112"]
+
+
+@pytest.mark.skipif(not QAEDIT_REAL.is_file(), reason=f"the QAEdit sample is not here ({QAEDIT_REAL} is absent)")
+def test_real_qaedit_loads_in_full() -> None:
+    records = json.loads(QAEDIT_REAL.read_text(encoding="utf-8"))
+    assert detect_format(QAEDIT_REAL) == "qaedit"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing warned
+        requests = read_requests(QAEDIT_REAL)
+    assert len(requests) == 500
+    # the bare ids repeat across NQ, TQA and SQA; with the source they are unique
+    assert len({r["id"] for r in records}) < 500
+    assert len({r.case_id for r in requests}) == 500
+    for request, record in zip(requests, records, strict=True):
+        assert request.case_id == f"{record['source']}-{record['id']}"
+        assert len(request.neighborhood_prompts) == 5
+        assert request.text == record["prompt"]
+        assert request.target_true is None
+    validate_requests(requests, byte_level_tokenizer(), str(QAEDIT_REAL))
