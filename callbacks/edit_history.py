@@ -21,6 +21,7 @@ from lightning_alphaedit.callbacks.drift_monitor import DriftMonitor
 from lightning_alphaedit.callbacks.find import find_callback, require_callback
 from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
 from lightning_alphaedit.evaluation import TEACHER_FORCED
+from lightning_alphaedit.wild import WILD_PREFIX
 from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE, run_directory
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.timing import EDIT_PHASES, format_seconds, peak_memory
@@ -64,7 +65,7 @@ class EditHistory(pl.Callback):
         baseline = pl_module.baseline
         if baseline and not self.history and trainer.is_global_zero and self.enabled:  # the curves start at 0 edits
             self.history.append({"edits": 0, "epoch": -1} | {
-                f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED
+                f"val/{k}": v for k, v in baseline.items() if k in TEACHER_FORCED or k.startswith(WILD_PREFIX)
             })
             self._write(trainer)
 

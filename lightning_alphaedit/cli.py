@@ -30,6 +30,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
@@ -37,6 +38,7 @@ from lightning_alphaedit.ask import main as ask_main
 from lightning_alphaedit.callbacks import STANDARD_MONITORS, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
+from lightning_alphaedit.wild import WILD_PREFIX
 from lightning_alphaedit.export import run_directory
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.module import AlphaEditModule
@@ -127,11 +129,14 @@ class AlphaEditCLI(LightningCLI):
 
 def format_results(unedited: dict[str, float], edited: dict[str, float], results_path=None) -> str:
     """The unedited and edited figures side by side (rates in %, fluency and consistency as is)."""
-    lines = [f"  {'':26s} {'unedited':>9s} {'edited':>9s}"]
-    for name in [n for n in (*RATES, "fluency", "consistency") if n in unedited or n in edited]:
+    wild = [n for n in dict.fromkeys([*unedited, *edited]) if n.startswith(WILD_PREFIX)]
+    names = [n for n in (*RATES, "fluency", "consistency", *wild) if n in unedited or n in edited]
+    width = max([26, *map(len, names)])
+    lines = [f"  {'':{width}s} {'unedited':>9s} {'edited':>9s}"]
+    for name in names:
         scale = 1 if name in ("fluency", "consistency") else 100
         cells = [f"{scale * t[name]:9.1f}" if name in t else f"{'-':>9s}" for t in (unedited, edited)]
-        lines.append(f"  {name:26s} {cells[0]} {cells[1]}")
+        lines.append(f"  {name:{width}s} {cells[0]} {cells[1]}")
     if results_path:
         lines.append(f"drift and everything else: {results_path}")
     return "\n".join(lines)
@@ -188,6 +193,8 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
 
 
 def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -> AlphaEditCLI:
+    # the configs' field docstrings are the options' --help texts
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     wandb = sys.modules.get("wandb")
     before = wandb.run if wandb is not None else None
     try:

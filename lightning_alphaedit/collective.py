@@ -76,6 +76,14 @@ class Collective:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-reduce ``tensor`` in place (sum over the ranks)."""
         if self.active:

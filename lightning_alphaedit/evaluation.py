@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torchmetrics import MeanMetric
 
-from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVocabulary
+from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVocabulary, per_owner_mean
 from lightning_alphaedit.prompts import target_token_ids
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
+from lightning_alphaedit.wild import WildConfig, WildEvaluation
 
 TEACHER_FORCED = tuple(
     f"{figure}{variant}"
@@ -80,6 +81,8 @@ class EvaluationConfig:
     """Top-k sampling of the fluency texts (the reference: 5)."""
     consistency: ConsistencyConfig | None = None
     """TF-IDF files for the consistency score; None leaves it out."""
+    wild: WildConfig = field(default_factory=WildConfig)
+    """Free-generation ("in the wild") figures: the model asked, its whole answer read."""
 
 
 class EditEvaluation(torch.nn.Module):
@@ -96,6 +99,7 @@ class EditEvaluation(torch.nn.Module):
             files = self.config.consistency
             self.consistency = TfidfSimilarity(TfidfVocabulary.load(files.vocabulary, files.idf))
             self.references = read_references(Path(files.references), files.counterfact)
+        self.wild = WildEvaluation(self.config.wild) if self.config.wild.enabled else None
 
     def _add(self, name: str, values: torch.Tensor) -> None:
         if values.numel():
@@ -104,11 +108,17 @@ class EditEvaluation(torch.nn.Module):
     @torch.no_grad()
     def update(
         self, model: torch.nn.Module, tokenizer, targets: ModelTargets, requests: Sequence[EditRequest],
-        generation: bool = False,
+        generation: bool = False, wild: bool = False, wild_reference: dict[str, str] | None = None,
+        record_wild: bool = False,
     ) -> None:
-        """Score ``requests`` on ``model`` as it is now; ``generation`` adds the generated-text figures."""
+        """Score ``requests`` on ``model`` as it is now; ``generation`` adds the generated-text figures,
+        ``wild`` the free-generation ones, whose locality compares with ``wild_reference`` (the unedited
+        model's answers, filled in when ``record_wild``)."""
         if not requests:
             return
+        if wild and self.wild is not None:
+            reference = {} if wild_reference is None else wild_reference
+            self.wild.update(model, tokenizer, requests, reference, record_wild, self.config.batch_size)
         score = lambda prompts, answers: score_answers(  # noqa: E731
             model, tokenizer, targets, prompts, answers, self.config.batch_size
         )
@@ -126,8 +136,8 @@ class EditEvaluation(torch.nn.Module):
             prompts = [p for _, p in para]
             para_new = score(prompts, [requests[i].target_new for i, _ in para])
             owners = [i for i, _ in para]
-            self._add("generalization_token_acc", _per_owner(para_new.token_accuracy, owners))
-            self._add("generalization_argmax", _per_owner(para_new.all_argmax, owners))
+            self._add("generalization_token_acc", per_owner_mean(para_new.token_accuracy, owners))
+            self._add("generalization_argmax", per_owner_mean(para_new.all_argmax, owners))
             with_true = [j for j, (i, _) in enumerate(para) if requests[i].target_true]
             if with_true:
                 para_true = score([prompts[j] for j in with_true], [requests[para[j][0]].target_true for j in with_true])
@@ -148,8 +158,8 @@ class EditEvaluation(torch.nn.Module):
 
     def _comparison(self, name: str, new: AnswerScores, true: AnswerScores, owners: Sequence[int]) -> None:
         """Success and magnitude of the new target over the true one, averaged per owner request."""
-        self._add(name, _per_owner((new.nll < true.nll).float(), owners))
-        self._add(f"{name}_magnitude", _per_owner((-new.nll).exp() - (-true.nll).exp(), owners))
+        self._add(name, per_owner_mean((new.nll < true.nll).float(), owners))
+        self._add(f"{name}_magnitude", per_owner_mean((-new.nll).exp() - (-true.nll).exp(), owners))
 
     def _generation(self, model, tokenizer, requests: Sequence[EditRequest]) -> None:
         device = next(model.parameters()).device
@@ -163,7 +173,7 @@ class EditEvaluation(torch.nn.Module):
         paraphrases = [(h, i) for h, (i, _, rw) in zip(hits, prompts) if not rw]
         if paraphrases:
             values = torch.tensor([h for h, _ in paraphrases], device=device)
-            self._add("generation_generalization", _per_owner(values, [i for _, i in paraphrases]))
+            self._add("generation_generalization", per_owner_mean(values, [i for _, i in paraphrases]))
 
         fluency_prompts = [(i, p) for i, r in enumerate(requests) for p in (r.generation_prompts or (r.text,))]
         texts = generate(
@@ -186,7 +196,7 @@ class EditEvaluation(torch.nn.Module):
         Under several processes the metrics sum their states over the ranks (torchmetrics'
         synchronisation); a figure is computed on every rank when any rank has data for it, so
         all ranks take part in the same synchronisations in the same order."""
-        metrics = {**self.rates, "fluency": self.fluency}
+        metrics = {**self.rates, "fluency": self.fluency, **(self.wild.metrics if self.wild is not None else {})}
         seen = [bool(m.update_count) for m in metrics.values()]
         if self.consistency is not None:
             metrics["consistency"] = self.consistency
@@ -196,22 +206,14 @@ class EditEvaluation(torch.nn.Module):
         return {name: float(metric.compute()) for (name, metric), flag in zip(metrics.items(), seen) if flag}
 
     def reset(self) -> None:
-        for metric in [*self.rates.values(), self.fluency] + ([self.consistency] if self.consistency else []):
+        wild = list(self.wild.metrics.values()) if self.wild is not None else []
+        for metric in [*self.rates.values(), self.fluency, *wild] + ([self.consistency] if self.consistency else []):
             metric.reset()
 
 
 def _select(scores: AnswerScores, rows: Sequence[int]) -> AnswerScores:
     index = torch.tensor(list(rows), dtype=torch.long, device=scores.nll.device)
     return AnswerScores(scores.nll[index], scores.token_accuracy[index], scores.all_argmax[index])
-
-
-def _per_owner(values: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
-    """Mean of ``values`` per owner (owners in ascending order): per-request averages."""
-    owner = torch.tensor(list(owners), dtype=torch.long, device=values.device)
-    unique, inverse = torch.unique(owner, return_inverse=True)
-    sums = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-    counts = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, torch.ones_like(values))
-    return sums / counts
 
 
 def read_references(path: Path, counterfact: str | None = None) -> dict[str, str]:
@@ -256,8 +258,10 @@ def _joined(texts, path: Path, where: str) -> str:
 def evaluate(
     model: torch.nn.Module, tokenizer, targets: ModelTargets, requests: Sequence[EditRequest],
     config: EvaluationConfig | None = None, generation: bool = False, seed: int = 0,
+    wild: bool = False, wild_reference: dict[str, str] | None = None, record_wild: bool = False,
 ) -> dict[str, float]:
     """All figures for ``requests`` on ``model`` in one call (the metric used on its own)."""
     evaluation = EditEvaluation(config, seed).to(next(model.parameters()).device)
-    evaluation.update(model, tokenizer, targets, requests, generation=generation)
+    evaluation.update(model, tokenizer, targets, requests, generation=generation, wild=wild,
+                      wild_reference=wild_reference, record_wild=record_wild)
     return evaluation.compute()

@@ -29,11 +29,11 @@ def request_keys(
 ) -> torch.Tensor:
     """K1 of ``requests`` at ``layer``: (u, d_in), float32.
 
-    ``context_templates[0]`` must be the bare ``"{}"``; the key is the mean of the bare
-    prompt's key and the mean key over the other templates.
+    ``context_templates[0]`` is the prompt without a context prefix (``"{}"``, or the prompt's
+    chat rendering); the key is the mean of its key and the mean key over the other templates.
     """
-    if not context_templates or context_templates[0] != "{}":
-        raise ValueError("context_templates must start with the bare '{}' template")
+    if not context_templates or any(t.count("{}") != 1 for t in context_templates):
+        raise ValueError("context_templates must be templates with one '{}' each, the first without a context prefix")
     device = next(model.parameters()).device
     templates = [ctx.replace("{}", r.prompt) for r in requests for ctx in context_templates]
     subjects = [r.subject for r in requests for _ in context_templates]
@@ -53,10 +53,13 @@ def block_outputs(
     targets: ModelTargets,
     requests: Sequence[EditRequest],
     layer: int,
+    template: str = "{}",
 ) -> torch.Tensor:
-    """Output of block ``layer`` at the subject's last token of each bare prompt: (u, d_out), float32."""
+    """Output of block ``layer`` at the subject's last token of each prompt put in ``template`` (the
+    value optimization's context without a prefix; the bare prompt by default): (u, d_out), float32."""
     device = next(model.parameters()).device
-    batch = encode_prompts(tokenizer, [r.prompt for r in requests], [r.subject for r in requests]).to(device)
+    prompts = [template.replace("{}", r.prompt) for r in requests]
+    batch = encode_prompts(tokenizer, prompts, [r.subject for r in requests]).to(device)
     with capture_output(targets.block(layer), batch.subject_last) as out, stop_after(targets.block(layer)):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return out.value.float()

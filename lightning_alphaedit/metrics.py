@@ -137,3 +137,12 @@ class RelativeChange(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.change / self.size).sqrt()
+
+
+def per_owner_mean(values: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+    """Mean of ``values`` per owner (owners in ascending order): per-request averages."""
+    owner = torch.tensor(list(owners), dtype=torch.long, device=values.device)
+    unique, inverse = torch.unique(owner, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.zeros(len(unique), dtype=values.dtype, device=values.device).index_add_(0, inverse, torch.ones_like(values))
+    return sums / counts

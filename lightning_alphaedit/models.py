@@ -32,6 +32,10 @@ class ModelConfig:
     """A GGUF file inside ``name_or_path`` to load and dequantize."""
     templates: ModuleTemplates = field(default_factory=ModuleTemplates)
     """Module paths for architectures whose parts are not detected automatically."""
+    chat_template: str | None = None
+    """A Jinja chat template used instead of the tokenizer's own (for a model without one, or to
+    ask in another format); None: the tokenizer's. Used by the ``chat`` input form and by editing
+    through the chat template, and saved with the edited model's tokenizer."""
     cache_dir: str | None = None
     """Where a named model is cached; None: ``$LIGHTNING_ALPHAEDIT_CACHE`` or ``~/.cache/lightning-alphaedit``."""
 
@@ -50,7 +54,14 @@ class ModelConfig:
 
 
 def load_tokenizer(config: ModelConfig):
-    """The model's tokenizer, right-padded, with a pad token."""
+    """The model's tokenizer, right-padded, with a pad token (and ``config.chat_template``, if set)."""
+    tokenizer = _load_tokenizer(config)
+    if config.chat_template is not None:
+        tokenizer.chat_template = config.chat_template
+    return tokenizer
+
+
+def _load_tokenizer(config: ModelConfig):
     if config.name_or_path is None:
         return tiny_tokenizer(config.tiny)
     from transformers import AutoTokenizer

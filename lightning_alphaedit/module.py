@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytorch_lightning as pl
 import torch
 
+from lightning_alphaedit.chat import FORMS, chat_template, has_chat_template, render_template
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
@@ -42,6 +43,16 @@ class ContextConfig:
     """Words each context text is sampled from (one text per word)."""
     length: int = 10
     """Tokens per context text, start word included."""
+    forms: list[str] = field(default_factory=lambda: ["question"])
+    """The input forms the rewrite prompts are edited in (every context prefix in each): ``question``
+    (the prompt as it is), ``qa_instruction`` and ``chat``, where the prompt with its context
+    prefix is the user turn of the chat template and the new target the assistant's whole answer,
+    ended by the turn's end token, so keys and target values are computed in the context a chat
+    model is asked in. The first form's bare prompt gives the edited value's starting point."""
+
+    def __post_init__(self) -> None:
+        if not self.forms or any(f not in FORMS for f in self.forms) or len(set(self.forms)) != len(self.forms):
+            raise ValueError(f"context.forms must be distinct input forms of {FORMS}, got {self.forms!r}")
 
 
 class AlphaEditModule(pl.LightningModule):
@@ -72,10 +83,12 @@ class AlphaEditModule(pl.LightningModule):
         self.lm: torch.nn.Module | None = None
         self.targets: ModelTargets | None = None
         self.context_templates: list[str] | None = None
+        self.chat_templates: list[bool] | None = None  # per context template: a chat rendering
         self.edit_layer: int | None = None  # the last edited layer, set by the callback
         self.optimize_values = True  # False for methods without target values (ft), set by the callback
         self.collective = Collective()  # the ranks sharing each edit batch, set by the callback
         self.baseline: dict[str, float] | None = None  # the unedited model's scores on the stream
+        self.wild_reference: dict[str, str] = {}  # the unedited model's free answers, recorded at the baseline
         self.val_metrics = EditEvaluation(evaluation, seed)
         self.test_metrics = EditEvaluation(evaluation, seed)
         self.test_results: dict[str, float] | None = None  # the edited model's scores after the stream
@@ -94,6 +107,9 @@ class AlphaEditModule(pl.LightningModule):
         if self.lm is None:
             self.lm = load_model(self.lm_config, self.tokenizer)
             self.targets = ModelTargets(self.lm, self.lm_config.templates)
+        wild = self.evaluation.wild
+        if "chat" in [*self.context.forms, *(wild.forms if wild.enabled else [])] and not has_chat_template(self.tokenizer):
+            chat_template(self.tokenizer, "{}")  # raises the error that names the model
 
     def train(self, mode: bool = True) -> AlphaEditModule:
         # Lightning switches modules to train mode during fit; dropout would make every
@@ -125,9 +141,12 @@ class AlphaEditModule(pl.LightningModule):
         self.edit_layer, self.optimize_values = edit_layer, optimize_values
         self.collective = collective or Collective()
         if self.context_templates is None:
-            self.context_templates = generate_context_templates(
+            templates = generate_context_templates(
                 self.lm, self.tokenizer, self.context.starts, self.context.length, self.seed
             )
+            pairs = [(form, template) for form in self.context.forms for template in templates]
+            self.context_templates = [render_template(self.tokenizer, form, t) for form, t in pairs]
+            self.chat_templates = [form == "chat" for form, _ in pairs]
 
     def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int) -> dict[str, float]:
         """The unedited model's scores (every test-stage figure) on every request of the stream,
@@ -140,8 +159,11 @@ class AlphaEditModule(pl.LightningModule):
             evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
             chunks = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
             for chunk in chunks[self.collective.rank :: self.collective.world_size]:  # the test loader's shards
-                evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True)
+                evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True, wild=True,
+                                  wild_reference=self.wild_reference, record_wild=True)
             self.baseline = evaluation.compute()
+            for shard in self.collective.gather_objects(self.wild_reference):  # every rank validates any request later
+                self.wild_reference.update(shard)
             for logger in self.loggers:
                 logger.log_metrics({f"baseline/{k}": v for k, v in self.baseline.items()}, step=0)
         return self.baseline
@@ -158,7 +180,7 @@ class AlphaEditModule(pl.LightningModule):
         """Outputs of the last edited block at the subjects on the current model: (u, d_out)."""
         if not requests:
             return torch.zeros(0, self.targets.value_size(self.edit_layer), device=self.device)
-        return block_outputs(self.lm, self.tokenizer, self.targets, requests, self.edit_layer)
+        return block_outputs(self.lm, self.tokenizer, self.targets, requests, self.edit_layer, self.context_templates[0])
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -173,7 +195,8 @@ class AlphaEditModule(pl.LightningModule):
         seconds: dict[str, float] = {}
         with torch.enable_grad(), timed(seconds, "values", self.device):
             result: ValueResult = optimize_values(
-                self.lm, self.tokenizer, self.targets, share, self.edit_layer, self.context_templates, self.values
+                self.lm, self.tokenizer, self.targets, share, self.edit_layer, self.context_templates, self.values,
+                chat=self.chat_templates or False,
             )
         size = len(share)
         self.log("edit/value_loss", result.loss.mean(), batch_size=size, prog_bar=True)
@@ -182,7 +205,8 @@ class AlphaEditModule(pl.LightningModule):
         return {"requests": batch, "share": share, "targets": result.targets, "values": result, "seconds": seconds}
 
     def validation_step(self, batch: RequestBatch, batch_idx: int) -> None:
-        self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch)
+        self.val_metrics.update(self.lm, self.tokenizer, self.targets, batch, wild=self.evaluation.wild.every_epoch,
+                                wild_reference=self.wild_reference)
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.val_metrics.compute().items():
@@ -190,7 +214,8 @@ class AlphaEditModule(pl.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: RequestBatch, batch_idx: int) -> None:
-        self.test_metrics.update(self.lm, self.tokenizer, self.targets, batch, generation=True)
+        self.test_metrics.update(self.lm, self.tokenizer, self.targets, batch, generation=True, wild=True,
+                                 wild_reference=self.wild_reference)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self.test_metrics.compute()
@@ -205,7 +230,9 @@ class AlphaEditModule(pl.LightningModule):
         # NullSpaceUpdate. Writing every weight of an 8B model per epoch would be wasteful.
         checkpoint["state_dict"] = {}
         checkpoint["context_templates"] = self.context_templates
+        checkpoint["chat_templates"] = self.chat_templates
         checkpoint["baseline"] = self.baseline
+        checkpoint["wild_reference"] = self.wild_reference
         # plain data only, so the checkpoint loads with torch.load(weights_only=True)
         checkpoint["hyper_parameters"] = {
             k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint.get("hyper_parameters", {}).items()
@@ -213,4 +240,6 @@ class AlphaEditModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.context_templates = checkpoint.get("context_templates")
+        self.chat_templates = checkpoint.get("chat_templates")
         self.baseline = checkpoint.get("baseline")
+        self.wild_reference = dict(checkpoint.get("wild_reference") or {})

@@ -20,6 +20,7 @@ from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.paths import atomic_file, write_text_atomic
 from lightning_alphaedit.timing import timed
 from lightning_alphaedit.update import method_label
+from lightning_alphaedit.wild import WILD_PREFIX
 
 TABLE_FIGURES = (
     "efficacy", "generalization", "specificity", "generation_efficacy", "generation_generalization",
@@ -162,6 +163,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         finals.append((run, unedited, edited))
     columns = [f for f in TABLE_FIGURES if any(f in e or f in u for _, u, e in finals)]
     columns += sorted({f for _, u, e in finals for f in (*u, *e) if f.startswith(CAPABILITY) and "_stderr" not in f})
+    columns += list(dict.fromkeys(f for _, u, e in finals for f in (*u, *e) if f.startswith(WILD_PREFIX)))
 
     def cell(values: dict, name: str) -> str:
         if name not in values:

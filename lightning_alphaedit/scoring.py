@@ -8,10 +8,11 @@ value per prompt, and `lightning_alphaedit.metrics` turns them into the paper's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lightning_alphaedit.prompts import seeded, target_token_ids
 from lightning_alphaedit.readout import logits_at
@@ -89,12 +90,15 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     include_prompt: bool = False,
+    stop: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """The continuation of each prompt (with the prompt when ``include_prompt``): greedy when ``top_k`` is None,
     else top-k sampling from a generator seeded with ``seed`` (the same texts on every run).
 
     ``max_length`` counts the prompt's tokens too (the fluency protocol: 100 tokens in all).
-    Prompts are left-padded, as generation appends on the right.
+    Prompts are left-padded, as generation appends on the right. With ``stop``, a row stops
+    once ``stop(its continuation so far)`` is true (an answer that has ended), which saves
+    the tokens nobody reads.
     """
     device = _device(model)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -111,11 +115,24 @@ def generate(
                 mode = {"do_sample": False} if top_k is None else {
                     "do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0
                 }
-                sampled = model.generate(**batch, **length, **mode, pad_token_id=_pad_id(tokenizer))
+                stopping = [_StopWhen(tokenizer, width, stop)] if stop is not None else None
+                sampled = model.generate(**batch, **length, **mode, pad_token_id=_pad_id(tokenizer),
+                                         stopping_criteria=StoppingCriteriaList(stopping or []))
                 outputs += tokenizer.batch_decode(sampled[:, 0 if include_prompt else width :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+class _StopWhen(StoppingCriteria):
+    """Per row: done once ``stop`` holds for the text generated after the prompt's ``width`` tokens."""
+
+    def __init__(self, tokenizer, width: int, stop: Callable[[str], bool]) -> None:
+        self.tokenizer, self.width, self.stop = tokenizer, width, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([self.stop(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def starts_with_answer(continuation: str, answer: str) -> bool:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lightning_alphaedit.chat import chat_answer_ids
 from lightning_alphaedit.hooks import (
     add_to_output,
     capture_output,
@@ -114,16 +115,20 @@ def optimize_values(
     layer: int,
     context_templates: Sequence[str],
     config: ValueOptimizationConfig,
+    chat: bool | Sequence[bool] = False,
 ) -> ValueResult:
     """Optimise one δ per request at block ``layer``; returns z = h0 + δ.
 
-    Runs the requests in passes of ``config.requests_per_pass`` (all at once when None).
+    Runs the requests in passes of ``config.requests_per_pass`` (all at once when None). After a
+    template that is a chat rendering (``chat``: one flag for all, or one per template) the new
+    target is the assistant's whole turn (`lightning_alphaedit.chat.chat_answer_ids`) instead of a
+    continuation with a leading space.
     """
     size = config.requests_per_pass or len(requests)
     if len(requests) <= size:
-        return _optimize_pass(model, tokenizer, targets, requests, layer, context_templates, config)
+        return _optimize_pass(model, tokenizer, targets, requests, layer, context_templates, config, chat)
     passes = [
-        _optimize_pass(model, tokenizer, targets, requests[i : i + size], layer, context_templates, config)
+        _optimize_pass(model, tokenizer, targets, requests[i : i + size], layer, context_templates, config, chat)
         for i in range(0, len(requests), size)
     ]
     return ValueResult(*(torch.cat([getattr(p, f.name) for p in passes]) for f in fields(ValueResult)))
@@ -137,17 +142,23 @@ def _optimize_pass(
     layer: int,
     context_templates: Sequence[str],
     config: ValueOptimizationConfig,
+    chat: bool | Sequence[bool] = False,
 ) -> ValueResult:
     """One batched pass over ``requests`` (every δ optimised together)."""
     device = next(model.parameters()).device
     u, c = len(requests), len(context_templates)
-    target_ids = [target_token_ids(tokenizer, r.target_new) for r in requests]
+    chat = [chat] * c if isinstance(chat, bool) else list(chat)
+    if len(chat) != c:
+        raise ValueError(f"{len(chat)} chat flags for {c} context templates")
+    answers = {(r.target_new, flag) for r in requests for flag in chat}
+    answer_ids = {(t, flag): (chat_answer_ids if flag else target_token_ids)(tokenizer, t) for t, flag in answers}
+    target_ids = [answer_ids[r.target_new, flag] for r in requests for flag in chat]  # (u*c) one per rewrite row
 
     # Rows: u*c rewrite prompts (context + prompt + target[:-1]), then u KL prompts.
     templates = [ctx.replace("{}", r.prompt) for r in requests for ctx in context_templates]
     templates += [config.kl_prompt for _ in requests]
     subjects = [r.subject for r in requests for _ in context_templates] + [r.subject for r in requests]
-    suffixes = [ids[:-1] for ids in target_ids for _ in context_templates] + [[] for _ in requests]
+    suffixes = [ids[:-1] for ids in target_ids] + [[] for _ in requests]
     batch = encode_prompts(tokenizer, templates, subjects, suffixes).to(device)
     owner = torch.arange(u, device=device).repeat_interleave(c)  # (u*c,) request of each rewrite row
     row_owner = torch.cat([owner, torch.arange(u, device=device)])  # (u*c + u,)
@@ -156,7 +167,7 @@ def _optimize_pass(
     # last token onwards) are the ones whose logits predict the target tokens.
     labels = torch.full_like(batch.input_ids, -100)  # (rows, t)
     for row in range(u * c):
-        ids = target_ids[row // c]
+        ids = target_ids[row]
         end = int(batch.lengths[row])
         labels[row, end - len(ids) : end] = torch.tensor(ids, device=device)
     # Where the loss reads logits: the label positions of rewrite rows, the subject of KL rows.

@@ -24,6 +24,7 @@ from lightning_alphaedit.drift import DriftConfig, DriftReference
 from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE, HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.requests import read_requests
 from lightning_alphaedit.resume import read_checkpoint
+from lightning_alphaedit.wild import FIGURES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ SCORES = ["efficacy", "efficacy_magnitude", "efficacy_argmax", "efficacy_token_a
           "generation_generalization", "fluency"]
 DRIFT = ["drift/output_change_layer1", "drift/output_change_layer2", "drift/hidden_shift", "drift/kl",
          "drift/perplexity", "drift/perplexity_unedited"]
+WILD = [f"wild/question/{f}" for f in FIGURES]
 TEACHER_FORCED = [f"val/{s}" for s in SCORES[:12]]
+VALIDATED = TEACHER_FORCED + [f"val/{s}" for s in WILD]
 PHASES = ["statistics", "projector", "drift_reference", "baseline", "values", "keys", "solve", "cache", "validation", "test"]
 EXPORTED = ["alphaedit_deltas.safetensors", "alphaedit_edits.jsonl", "alphaedit_summary.json", "config.json",
             "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -52,11 +55,11 @@ def test_the_default_set_writes_what_the_single_callback_wrote(tmp_path):
     folder = Path(history_callback.results_path).parent
     results = json.loads((folder / RESULTS_FILE).read_text())
     assert list(results) == RESULTS_KEYS
-    assert list(results["unedited"]) == SCORES and list(results["edited"]) == SCORES + DRIFT
+    assert list(results["unedited"]) == SCORES + WILD and list(results["edited"]) == SCORES + WILD + DRIFT
     assert list(results["timing_seconds"]) == PHASES
     lines = [json.loads(line) for line in (folder / HISTORY_FILE).read_text().splitlines()]
     assert [list(line) for line in lines] == [
-        ["edits", "epoch", *TEACHER_FORCED], ["edits", "epoch", *DRIFT, *TEACHER_FORCED, "time/edit_seconds"],
+        ["edits", "epoch", *VALIDATED], ["edits", "epoch", *DRIFT, *VALIDATED, "time/edit_seconds"],
     ]
     assert lines == results["history"] == history_callback.history
     assert results["edited"]["drift/kl"] > 0 and results["edits_applied"] == 8
@@ -167,7 +170,7 @@ def test_history_alone_and_its_merge(tmp_path):
     assert [h["edits"] for h in history.history] == [0, 8]
     assert not any(k.startswith("drift/") for h in history.history for k in h)
     results = json.loads((tmp_path / RESULTS_FILE).read_text())
-    assert results["history"] == history.history and list(results["edited"]) == SCORES
+    assert results["history"] == history.history and list(results["edited"]) == SCORES + WILD
     # another monitor's figures go into the line of their edit count; a new count gets a line
     history.merge(pl_trainer, [{"edits": 8, "other/score": 0.5}, {"edits": 4, "other/score": 0.25}], epoch=0)
     lines = [json.loads(line) for line in (tmp_path / HISTORY_FILE).read_text().splitlines()]

@@ -22,6 +22,7 @@ from lightning_alphaedit.callbacks import (
     find_callback,
 )
 from lightning_alphaedit.datamodule import EditStreamDataModule
+from lightning_alphaedit.evaluation import EvaluationConfig
 from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE
 from lightning_alphaedit.models import ModelConfig
 from lightning_alphaedit.module import AlphaEditModule
@@ -29,6 +30,7 @@ from lightning_alphaedit.requests import EditDataError, read_requests
 from lightning_alphaedit.statistics import StatisticsConfig
 from lightning_alphaedit.tiny import TinyModelConfig
 from lightning_alphaedit.values import ValueOptimizationConfig
+from lightning_alphaedit.wild import WildConfig
 
 LAYERS = [1, 2]
 
@@ -38,6 +40,7 @@ def build(tmp_path: Path, method: str = "alphaedit", path: str = "tiny_edits.jso
     module = AlphaEditModule(
         lm=ModelConfig(tiny=TinyModelConfig(architecture=architecture, tokenizer="words")),
         values=values or ValueOptimizationConfig(num_grad_steps=25, lr=1.0, clamp_norm_factor=10.0),
+        evaluation=EvaluationConfig(wild=WildConfig(max_new_tokens=8)),  # a random model's answers never end
         seed=0,
     )
     data = EditStreamDataModule(path=path, batch_size=4, edits_per_epoch=8, limit=limit)
