@@ -62,8 +62,15 @@ class StatisticsConfig:
     ``$LIGHTNING_ALPHAEDIT_CACHE``, default ``~/.cache/lightning-alphaedit``."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
+    chat_fraction: float = 0.0
+    """Share of the documents put through the model's chat template as a user turn (truncated to
+    leave room for it), so the keys a chat brings (its system prompt, turn markers and the
+    assistant's header) count as preserved knowledge too: an edit of a chat model then leaves
+    how it starts every answer alone. 0: plain documents only (the paper)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.chat_fraction <= 1.0:
+            raise ValueError(f"statistics.chat_fraction must be in [0, 1], got {self.chat_fraction}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"statistics.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.sample_count < 1 or self.batch_size < 1:
@@ -236,6 +243,8 @@ def layer_statistics(
     max_length = config.max_length or _context_length(model, tokenizer)
     fingerprint = model_fingerprint(model, targets, max(layers))
     texts = corpus.texts[: config.sample_count]
+    if config.chat_fraction > 0:
+        texts = chat_documents(tokenizer, texts, config.chat_fraction, max_length)
 
     def key(layer: int) -> dict:
         return {
@@ -248,7 +257,7 @@ def layer_statistics(
             "sample_count": len(texts),
             "max_length": max_length,
             "dtype": config.dtype,
-        }
+        } | ({"chat_fraction": config.chat_fraction} if config.chat_fraction > 0 else {})
 
     cache = StatisticsCache(cache_root(config.cache_dir) / "statistics")
     # rank 0 writes: another run missing the same entries waits for it, then loads them
@@ -273,6 +282,24 @@ def layer_statistics(
                 found[layer] = moments
             collective.barrier()  # the cache is complete before any rank goes on
         return found
+
+
+def chat_documents(tokenizer, texts: Sequence[str], fraction: float, max_length: int) -> list[str]:
+    """``texts`` with an evenly spread ``fraction`` of them rendered as the user turn of the chat
+    template, each document cut so the whole rendering fits in ``max_length`` tokens."""
+    from lightning_alphaedit.chat import chat_text
+
+    overhead = len(tokenizer(chat_text(tokenizer, ""))["input_ids"])
+    room = max_length - overhead
+    if room < 8:
+        raise ValueError(f"statistics.max_length {max_length} leaves {room} tokens for a document in the chat template")
+    out = []
+    for index, text in enumerate(texts):
+        if int((index + 1) * fraction) > int(index * fraction):  # every 1/fraction-th document
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: room - 4]  # re-encoding may shift a token or two
+            text = chat_text(tokenizer, tokenizer.decode(ids))
+        out.append(text)
+    return out
 
 
 def _context_length(model: torch.nn.Module, tokenizer) -> int:

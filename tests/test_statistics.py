@@ -248,3 +248,40 @@ def test_two_runs_sharing_an_empty_cache_compute_it_once(tmp_path):
     assert forwards[0] == 0 and forwards[1] == 8, outputs  # 32 documents in batches of 4, computed once
     assert outputs[0]["sum"] == outputs[1]["sum"]
     assert len(list((tmp_path / "cache" / "statistics").glob("*.safetensors"))) == 2
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+
+def test_chat_fraction_renders_a_spread_share_of_documents_and_is_its_own_cache_entry(tmp_path):
+    """``chat_fraction``: every 1/f-th document becomes a chat user turn that fits ``max_length``
+    whole (the assistant header is never truncated away); the statistics equal an explicit
+    formula over exactly those texts; plain statistics keep their cache entry."""
+    from lightning_alphaedit.chat import chat_text
+    from lightning_alphaedit.statistics import chat_documents
+
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(num_layers=3, seed=1))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    targets = ModelTargets(model)
+    texts = chat_documents(tokenizer, TEXTS * 2, 0.5, max_length=64)
+    assert [t.startswith("<|endoftext|>user\n") for t in texts] == [False, True] * 5
+    assert all(t.endswith("<|endoftext|>assistant\n") and len(tokenizer(t)["input_ids"]) <= 64
+               for t in texts if t.startswith("<|endoftext|>"))
+    assert texts[1] == chat_text(tokenizer, TEXTS[1]) and texts[0] == TEXTS[0]  # short documents whole
+    with pytest.raises(ValueError, match="chat_fraction"):
+        StatisticsConfig(chat_fraction=1.5)
+
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=10, max_length=64, cache_dir=str(tmp_path),
+                              progress=False, chat_fraction=0.5)
+    corpus = load_corpus(config.corpus)
+    chat = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)
+    expected = explicit_second_moment(model, tokenizer, targets.projection(1),
+                                      chat_documents(tokenizer, corpus.texts[:10], 0.5, 64), 64)
+    torch.testing.assert_close(chat[1].mean().double(), expected, rtol=1e-4, atol=1e-6)
+    plain = layer_statistics(model, tokenizer, targets, [1], StatisticsConfig(**{**config.__dict__, "chat_fraction": 0.0}),
+                             "tiny-test", corpus)
+    assert len(list((tmp_path / "statistics").glob("*.safetensors"))) == 2
+    assert not torch.equal(plain[1].sum, chat[1].sum)
