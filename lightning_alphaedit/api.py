@@ -59,12 +59,13 @@ class EditResult:
     trainer: Any = field(repr=False)
 
     def ask(self, prompts: Sequence[str | EditRequest | tuple[str, str]] | str | None = None,
-            max_new_tokens: int = 8) -> Answers:
+            max_new_tokens: int | None = None, chat: bool = False) -> Answers:
         """Greedy answers of the unedited and the edited model side by side (default: the
-        edited requests' prompts, new targets marked). Prints as a table."""
+        edited requests' prompts, new targets marked); ``chat``: asked through the model's chat
+        template, answers read to their end. Prints as a table."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return ask(self.model, self.tokenizer, self.deltas, self.requests if prompts is None else prompts,
-                   max_new_tokens)
+                   max_new_tokens, chat=chat)
 
 
 def edit(

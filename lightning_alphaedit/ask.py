@@ -3,12 +3,15 @@
     lightning-alphaedit ask RUN_DIR                       # the run's own edit requests
     lightning-alphaedit ask RUN_DIR/edited_model "The capital of Norway is" "Oslo is in"
     lightning-alphaedit ask RUN_DIR --file prompts.txt    # one prompt a line (or an edit file)
+    lightning-alphaedit ask RUN_DIR --chat                # through the model's chat template
 
 After an edit the first thing anyone does is ask the model. Both answers are greedy and a
 few tokens long, and come from one model: the edited weights, and the same weights with
 the run's deltas taken off (the unedited model, without loading it a second time). Where
 a prompt belongs to an edit request its new target is marked, and a final line counts the
-prompts whose edited answer begins with it.
+prompts whose edited answer begins with it. With ``chat`` every prompt is the user turn of
+the model's chat template, as a chat model is asked, and the answers are read to their end
+(`lightning_alphaedit.wild`); an answer then holds the edit when it contains the new target.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import torch
 
 from lightning_alphaedit.export import DELTAS_FILE, EDITED_MODEL, EDITS_FILE, SUMMARY_FILE
 from lightning_alphaedit.requests import EditRequest, read_jsonl, read_requests
+from lightning_alphaedit.chat import chat_text
 from lightning_alphaedit.scoring import generate, starts_with_answer
+from lightning_alphaedit.wild import answer_ended, contains, cut_answer
 
 MARK = "»{}«"
 """How the new target is marked inside an answer."""
@@ -38,11 +43,17 @@ class Answer:
     unedited: str
     edited: str
     target: str | None = None
+    chat: bool = False
 
     @property
     def takes_hold(self) -> bool | None:
-        """Whether the edited answer begins with the new target (None without one)."""
-        return None if self.target is None else starts_with_answer(self.edited, self.target)
+        """Whether the edited answer begins with the new target (through the chat template: contains
+        it); None without one."""
+        return None if self.target is None else _holds(self.edited, self.target, self.chat)
+
+
+def _holds(answer: str, target: str, chat: bool) -> bool:
+    return contains(answer, target) if chat else starts_with_answer(answer, target)
 
 
 class Answers(list):
@@ -81,21 +92,33 @@ def ask(
     tokenizer,
     deltas: Mapping[str, torch.Tensor],
     prompts: Sequence[str | EditRequest | tuple[str, str]],
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
+    chat: bool = False,
 ) -> Answers:
     """Greedy answers of the edited ``model`` and of the unedited one (``model`` minus ``deltas``).
 
     A prompt is a string, a ``(prompt, new target)`` pair, or an `EditRequest` (its rewrite
-    prompt and new target); a new target is marked in the answers.
+    prompt and new target); a new target is marked in the answers. ``chat``: each prompt is
+    the user turn of the chat template and each answer is read to its end (at most
+    ``max_new_tokens``, default 50; else 8 tokens of continuation).
     """
     pairs = [_prompt_and_target(p) for p in prompts]
     texts, targets = [t for t, _ in pairs], [t for _, t in pairs]
     if not texts:
         return Answers()
-    edited = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
+    if chat:
+        asked, tokens, stop = [chat_text(tokenizer, t) for t in texts], max_new_tokens or 50, answer_ended
+    else:
+        asked, tokens, stop = texts, max_new_tokens or 8, None
+
+    def answer(current: torch.nn.Module) -> list[str]:
+        said = generate(current, tokenizer, asked, max_new_tokens=tokens, stop=stop)
+        return [cut_answer(a) for a in said] if chat else said
+
+    edited = answer(model)
     with unedited_weights(model, deltas):
-        unedited = generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
-    return Answers(Answer(p, u, e, t) for p, u, e, t in zip(texts, unedited, edited, targets))
+        unedited = answer(model)
+    return Answers(Answer(p, u, e, t, chat) for p, u, e, t in zip(texts, unedited, edited, targets))
 
 
 def _prompt_and_target(prompt: str | EditRequest | tuple[str, str]) -> tuple[str, str | None]:
@@ -129,9 +152,10 @@ def format_answers(answers: Sequence[Answer]) -> str:
         lines.append(f"    edited:   {_marked(answer.edited, answer.target)}{flag}")
     judged = [a for a in answers if a.target is not None]
     if judged:
-        before = sum(starts_with_answer(a.unedited, a.target) for a in judged)
+        before = sum(_holds(a.unedited, a.target, a.chat) for a in judged)
         after = sum(bool(a.takes_hold) for a in judged)
-        lines.append(f"answer begins with the new target: edited {after} of {len(judged)}, unedited {before} of {len(judged)}")
+        rule = "contains" if judged[0].chat else "begins with"
+        lines.append(f"answer {rule} the new target: edited {after} of {len(judged)}, unedited {before} of {len(judged)}")
     return "\n".join(lines)
 
 
@@ -190,7 +214,9 @@ def main(args: list[str]) -> Answers:
     parser.add_argument("--file", type=Path, help="prompts, one a line, or an edit request file (their targets marked)")
     parser.add_argument("--limit", type=int, default=10, help="at most this many of the run's edit requests (default 10)")
     parser.add_argument("--paraphrases", action="store_true", help="also each edit request's paraphrase prompts")
-    parser.add_argument("--tokens", type=int, default=8, help="tokens generated per answer (default 8)")
+    parser.add_argument("--chat", action="store_true",
+                        help="ask through the model's chat template (each prompt the user turn), answers read to their end")
+    parser.add_argument("--tokens", type=int, help="tokens generated per answer at most (default 8; with --chat 50)")
     parser.add_argument("--device", help="where the model runs (default: the accelerator if any, else the CPU)")
     options = parser.parse_args(args)
     model, tokenizer, deltas, requests, summary = load_edited(options.model, options.device or _default_device())
@@ -207,7 +233,7 @@ def main(args: list[str]) -> Answers:
     print(f"edited: {edited_model_folder(options.model)}  ({summary.get('method')}, {summary.get('edits_applied')} edits, "
           f"layers {summary.get('layers')})\nunedited: the same weights without the edit deltas "
           f"(base model {base.get('name_or_path') or 'tiny random model'})\n")
-    answers = ask(model, tokenizer, deltas, prompts, options.tokens)
+    answers = ask(model, tokenizer, deltas, prompts, options.tokens, chat=options.chat)
     print(format_answers(answers))
     return answers
 
