@@ -96,3 +96,25 @@ def test_the_new_target_is_marked():
     assert lines[2] == "    edited:   »Paris«, the   <- new target"
     assert lines[1] == "    unedited: Oslo, the"
     assert lines[-1] == "answer begins with the new target: edited 1 of 2, unedited 0 of 2"
+
+
+def test_ask_through_the_chat_template_reads_whole_answers_of_both_models():
+    """``chat=True``: each prompt is the chat template's user turn and both answers are read to
+    their end, as the WILD evaluation reads them; the edited side differs by the deltas only."""
+    from lightning_alphaedit.ask import ask
+    from lightning_alphaedit.wild import answers
+
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(initializer_range=0.5))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+    name = "transformer.h.1.mlp.c_proj.weight"
+    delta = {name: 0.5 * torch.randn(dict(model.named_parameters())[name].shape, generator=torch.Generator().manual_seed(0))}
+    prompts = ["The capital of Norway is", "Who wrote Hamlet?"]
+    edited_expected = answers(model, tokenizer, prompts, "chat", 50, 16)
+    with unedited_weights(model, delta):
+        unedited_expected = answers(model, tokenizer, prompts, "chat", 50, 16)
+    said = ask(model, tokenizer, delta, [(prompts[0], edited_expected[0] or "x"), prompts[1]], chat=True)
+    assert [a.edited for a in said] == edited_expected and [a.unedited for a in said] == unedited_expected
+    assert said[0].chat and said[0].takes_hold is bool(edited_expected[0]) and said[1].takes_hold is None
+    assert "answer contains the new target" in format_answers(said)
