@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -53,20 +54,38 @@ def test_the_unedited_model_knows_the_demo_facts():
     assert (true < new).float().mean() >= 0.9
 
 
+REAL_MODEL_REQUIRED = os.environ.get("LIGHTNING_ALPHAEDIT_REAL_MODEL") == "1"
+"""Set by CI, which fetches SmolLM2 and the corpus first: the real-model test must run, not skip."""
+
+
+def test_the_real_model_test_runs_where_it_is_required():
+    if REAL_MODEL_REQUIRED:
+        assert (USER_MODEL / "config.json").is_file() and USER_CORPUS.is_file(), (
+            f"LIGHTNING_ALPHAEDIT_REAL_MODEL=1 but SmolLM2 or its corpus is not cached under {USER_CACHE}")
+
+
 @pytest.mark.skipif(not ((USER_MODEL / "config.json").is_file() and USER_CORPUS.is_file()),
                     reason=f"SmolLM2 or its statistics corpus is not cached under {USER_CACHE} (a demo run fetches both)")
 def test_the_demo_edits_take_hold_on_smollm2(monkeypatch):
     """The demo's settings on its first 20 requests, one batch: the new targets win and are what
-    the edited model says, where the unedited model said the true ones."""
+    the edited model says, where the unedited model said the true ones, teacher-forced and asked
+    freely (WILD: the whole greedy answer, bare and through the chat template)."""
     from lightning_alphaedit.api import edit
 
     monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(USER_CACHE))  # the cached model, corpus, statistics
     result = edit("smollm2-135m", limit=20, edits_per_epoch=20, **{
         "data.batch_size": 20, "model.evaluation.generation": False, "drift.texts": 0, "trainer.logger": False,
+        # free answers at the baseline and the test only; chat answers cut at 24 tokens (the figures
+        # asserted are the question form's, which end within a few tokens)
+        "model.evaluation.wild.every_epoch": False, "model.evaluation.wild.max_new_tokens": 24,
     })
     unedited, edited = result.scores["unedited"], result.scores["edited"]
     assert unedited["efficacy"] <= 0.1 and edited["efficacy"] >= 0.9, (unedited, edited)
     assert edited["generalization"] > unedited["generalization"] + 0.3, (unedited, edited)
+    assert unedited["wild/question/efficacy_contains"] <= 0.1, unedited
+    assert edited["wild/question/efficacy_contains"] >= 0.8, edited
+    assert edited["wild/question/locality"] >= 0.3, edited  # 56.4 % measured: free answers are fragile
+    assert {"wild/chat/efficacy_contains", "wild/chat/locality"} <= set(edited)
     answers = result.ask(max_new_tokens=6)
     print(answers)
     assert sum(bool(a.takes_hold) for a in answers) >= 16, answers
