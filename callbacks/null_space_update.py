@@ -250,7 +250,7 @@ class NullSpaceUpdate(pl.Callback):
         )
         return cached_anchor(key, self.statistics.cache_dir, lambda: calibrate_anchor(
             lm, tokenizer, targets, requests, layer, pl_module.context_templates, pl_module.values,
-            self.norm_anchor.drop_fraction,
+            self.norm_anchor.drop_fraction, pl_module.chat_templates or False,
         )[0])
 
     def _anchored(self, pl_module, outputs) -> torch.Tensor:

@@ -112,11 +112,12 @@ def calibration_key(
 def calibrate_anchor(
     model: torch.nn.Module, tokenizer, targets: ModelTargets, requests: Sequence[EditRequest], layer: int,
     context_templates: Sequence[str], values: ValueOptimizationConfig, drop_fraction: float,
+    chat: bool | Sequence[bool] = False,
 ) -> tuple[float, torch.Tensor]:
     """Run the value optimization on ``requests`` (the model must be unedited) and return the
     anchor and every ||v0 + δ|| (n,)."""
     with torch.enable_grad():
-        result = optimize_values(model, tokenizer, targets, requests, layer, context_templates, values)
+        result = optimize_values(model, tokenizer, targets, requests, layer, context_templates, values, chat)
     v0 = projection_outputs(model, tokenizer, targets, requests, layer)  # (n, d)
     norms = (v0 + result.targets - result.initial).norm(dim=1)  # (n,)
     return trimmed_mean(norms, drop_fraction), norms
