@@ -27,9 +27,8 @@ import torch
 
 from lightning_alphaedit.export import DELTAS_FILE, EDITED_MODEL, EDITS_FILE, SUMMARY_FILE
 from lightning_alphaedit.requests import EditRequest, read_jsonl, read_requests
-from lightning_alphaedit.chat import chat_text
 from lightning_alphaedit.scoring import generate, starts_with_answer
-from lightning_alphaedit.wild import answer_ended, contains, cut_answer
+from lightning_alphaedit.wild import answers as free_answers, contains
 
 MARK = "»{}«"
 """How the new target is marked inside an answer."""
@@ -106,14 +105,11 @@ def ask(
     texts, targets = [t for t, _ in pairs], [t for _, t in pairs]
     if not texts:
         return Answers()
-    if chat:
-        asked, tokens, stop = [chat_text(tokenizer, t) for t in texts], max_new_tokens or 50, answer_ended
-    else:
-        asked, tokens, stop = texts, max_new_tokens or 8, None
 
     def answer(current: torch.nn.Module) -> list[str]:
-        said = generate(current, tokenizer, asked, max_new_tokens=tokens, stop=stop)
-        return [cut_answer(a) for a in said] if chat else said
+        if chat:  # read as the WILD evaluation reads it
+            return free_answers(current, tokenizer, texts, "chat", max_new_tokens or 50, batch_size=16)
+        return generate(current, tokenizer, texts, max_new_tokens=max_new_tokens or 8)
 
     edited = answer(model)
     with unedited_weights(model, deltas):

@@ -21,7 +21,8 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _require_chat_template(tokenizer) -> None:
+def require_chat_template(tokenizer) -> None:
+    """Raises the error that names the model when its tokenizer has no chat template."""
     if not has_chat_template(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
         raise ValueError(
@@ -44,7 +45,7 @@ def _without_added_bos(tokenizer, text: str) -> str:
 
 def chat_text(tokenizer, user: str) -> str:
     """``user`` as the user turn of the model's chat template, up to where the assistant's answer begins."""
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
     )
@@ -66,7 +67,7 @@ def chat_answer_ids(tokenizer, answer: str) -> list[int]:
     token that ends the turn, read from the template itself (``<|im_end|>``, ``<|eot_id|>``, ...).
 
     Ending on that token is what makes a chat answer stop after the new target."""
-    _require_chat_template(tokenizer)
+    require_chat_template(tokenizer)
     probe = "\x00"
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}], tokenize=False

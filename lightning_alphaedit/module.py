@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytorch_lightning as pl
 import torch
 
-from lightning_alphaedit.chat import FORMS, chat_template, has_chat_template, render_template
+from lightning_alphaedit.chat import FORMS, render_template, require_chat_template
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
 from lightning_alphaedit.keys import block_outputs, request_keys
@@ -108,8 +108,8 @@ class AlphaEditModule(pl.LightningModule):
             self.lm = load_model(self.lm_config, self.tokenizer)
             self.targets = ModelTargets(self.lm, self.lm_config.templates)
         wild = self.evaluation.wild
-        if "chat" in [*self.context.forms, *(wild.forms if wild.enabled else [])] and not has_chat_template(self.tokenizer):
-            chat_template(self.tokenizer, "{}")  # raises the error that names the model
+        if "chat" in [*self.context.forms, *(wild.forms if wild.enabled else [])]:
+            require_chat_template(self.tokenizer)  # before any statistics or edit
 
     def train(self, mode: bool = True) -> AlphaEditModule:
         # Lightning switches modules to train mode during fit; dropout would make every
