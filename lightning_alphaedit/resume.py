@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-VALUE_SETTINGS_OUTSIDE_THE_EDIT = ("requests_per_pass", "reuse_lower_layers")
+VALUE_SETTINGS_OUTSIDE_THE_EDIT = ("requests_per_pass", "reuse_lower_layers", "prefix_cache")
 """Value-step options that change its cost, not its result."""
 STATISTICS_SETTINGS = ("corpus", "text_field", "sample_count", "max_length", "dtype")
 """The statistics options that decide C0 (the others: where it is cached, how it is shown)."""

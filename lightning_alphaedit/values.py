@@ -13,6 +13,8 @@ the argmax at every target position of every rewrite prompt (most-probable early
 What each step costs is kept to what changes with δ (measured on SmolLM2-135M, 2 CPU cores,
 20 requests with 2 context prefixes: 61.5 s -> 44.2 s for the length groups alone):
 - the blocks up to the edited one run once per batch and are replayed (`replay_blocks`);
+- the positions before the subject's last token run once per batch too: every step runs the
+  rest of each row against their cached keys and values (`lightning_alphaedit.prefix_cache`);
 - the LM head runs only at the positions the loss reads (`readout.logits_at`);
 - requests that stopped early leave the batch;
 - short rows (bare and KL prompts) and long rows (context-prefixed) run as separate passes.
@@ -21,11 +23,13 @@ What each step costs is kept to what changes with δ (measured on SmolLM2-135M, 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
+from transformers import DynamicCache
 
 from lightning_alphaedit.chat import chat_answer_ids
 from lightning_alphaedit.hooks import (
@@ -34,6 +38,8 @@ from lightning_alphaedit.hooks import (
     replay_blocks,
     stop_after,
 )
+from lightning_alphaedit.prefix_cache import PrefixCache, cache_argument
+from lightning_alphaedit.prefix_cache import unsupported as prefix_unsupported
 from lightning_alphaedit.prompts import encode_prompts, target_token_ids
 from lightning_alphaedit.readout import logits_at
 from lightning_alphaedit.requests import EditRequest
@@ -74,6 +80,11 @@ class ValueOptimizationConfig:
     reuse_lower_layers: bool = True
     """Compute the blocks up to the edited one once per batch instead of at every step (they do
     not depend on δ; same result, about a fifth less time). Off: recompute them every step."""
+    prefix_cache: bool = True
+    """Run each step only over the positions δ can change (from the subject's last token on),
+    attending to the keys and values of the earlier positions computed once per batch. Same
+    result up to float round-off. Off, or on a model that cannot take it (one warning says
+    why): every step runs the whole rows."""
     requests_per_pass: int | None = None
     """Requests optimised together in one batched pass; the batch is run in passes of at most
     this many, one after the other. None: the whole batch at once. Memory grows with it
@@ -176,15 +187,69 @@ def _optimize_pass(
     rows_of = [torch.cat([torch.arange(i * c, (i + 1) * c), torch.tensor([u * c + i])]).to(device) for i in range(u)]
 
     block = targets.block(layer)
-    # Blocks 0..layer do not depend on δ: run them once, replay their output at every step.
+    lower = [targets.block(i) for i in range(layer + 1)]
+    # One pass over the whole rows, δ = 0: the edited block's output (blocks 0..layer do not
+    # depend on δ, so it is replayed at every step) and, with the prefix cache, every block's
+    # keys and values before the subject's last token, plus the final norm's output at the read
+    # positions to check the cached path against.
+    prefix, why_not = None, None
+    if config.prefix_cache:
+        why_not = prefix_unsupported(model, int(batch.lengths.max()))
     raw = {}
     record = block.register_forward_hook(lambda module, args, output: raw.__setitem__("output", output))
     try:
-        with torch.no_grad(), capture_output(block) as below, stop_after(block):
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        with torch.no_grad(), capture_output(block) as below:
+            if config.prefix_cache and why_not is None:
+                cache, argument = DynamicCache(), cache_argument(model)
+                with capture_output(targets.final_norm) as top, stop_after(targets.final_norm):
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **{argument: cache, "use_cache": True})
+                end = torch.where(read, torch.arange(read.shape[1], device=device), -1).max(1).values + 1  # (rows,)
+                prefix = PrefixCache.from_cache(cache, batch.subject_last, end, batch.input_ids, argument)
+                if prefix is None:
+                    why_not = "its cache does not hold one key/value tensor per block"
+                reference = top.value[read]  # (n, d) row-major over the rows
+                del cache, top
+            else:
+                with stop_after(block):
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         record.remove()
-    lower = [targets.block(i) for i in range(layer + 1)]
+    if why_not is not None:
+        warnings.warn(f"values.prefix_cache: {type(model).__name__} runs the full rows ({why_not})", stacklevel=2)
+    read_index = torch.full(read.shape, -1, dtype=torch.long, device=device)  # (rows, t)
+    read_index[read] = torch.arange(int(read.sum()), device=device)
+    param_dtype = next(model.parameters()).dtype
+
+    def step_logits(rows: torch.Tensor, width: int, check: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at the read positions of ``rows``, row-major in the order of ``rows``; with
+        ``check`` also the final norm's output there (to compare with the whole-row pass)."""
+        # Rows differ a lot in length (bare prompt, context-prefixed prompts, KL prompt): run
+        # short and long rows as separate passes, each padded only to its own width.
+        span = prefix.end[rows] - prefix.start[rows] if prefix is not None else batch.lengths[rows]
+        parts, hidden, order = [], [], []
+        for group in _length_groups(span):
+            members = rows[group]
+            if prefix is None:
+                w = int(batch.lengths[members].max())
+                inputs = {"input_ids": batch.input_ids[members, :w], "attention_mask": batch.attention_mask[members, :w]}
+                lower_output, reads = below.value[members, :w], read[members, :w]
+                at, offset = batch.subject_last[members], torch.zeros_like(members)
+            else:
+                inputs = prefix.inputs(members, param_dtype)
+                lower_output = prefix.suffix(members, below.value)
+                reads = prefix.suffix(members, read) & prefix.valid(members)
+                at, offset = torch.zeros_like(members), prefix.start[members]
+            replay = replay_blocks(lower, lower_output, raw["output"]) if config.reuse_lower_layers else nullcontext()
+            observe = capture_output(targets.final_norm) if check else nullcontext(None)
+            with replay, add_to_output(block, delta[row_owner[members]].to(param_dtype), at), observe as top:
+                parts.append(logits_at(model, targets, inputs.pop("input_ids"), inputs.pop("attention_mask"), reads, **inputs))
+            if check:
+                hidden.append(top.value[reads])
+            where = torch.nonzero(reads)  # (n, 2) read positions, row-major
+            order.append(group[where[:, 0]] * width + offset[where[:, 0]] + where[:, 1])  # place in the rows' order
+        order = torch.cat(order).argsort()
+        return torch.cat(parts)[order], torch.cat(hidden)[order] if check else None
+
     bare = torch.arange(0, u * c, c, device=device)  # (u,) the rows without a context prefix
     h0 = below.value[bare, batch.subject_last[bare]].float()  # (u, d) original value at the subject
     h0_norm = h0.norm(dim=1)  # (u,)
@@ -198,7 +263,6 @@ def _optimize_pass(
     final_nll = torch.zeros(u, dtype=torch.float32, device=device)
     final_reached = torch.zeros(u, dtype=torch.bool, device=device)
     kl_initial = None  # (u, V) the unedited KL distributions, from the first step
-    param_dtype = next(model.parameters()).dtype
     for step in range(config.num_grad_steps):
         # Only requests still optimising are run: a stopped request's loss cannot change.
         live = torch.nonzero(active).squeeze(1)  # (a,)
@@ -206,23 +270,14 @@ def _optimize_pass(
         rows = torch.cat([rows_of[i] for i in live.tolist()])  # (a*(c+1),): c rewrite rows, then the KL row
         width = int(batch.lengths[rows].max())
         optimizer.zero_grad()
-        # Rows differ a lot in length (bare prompt, context-prefixed prompts, KL prompt): run
-        # short and long rows as separate passes, each padded only to its own width.
-        parts, order = [], []
-        for group in _length_groups(batch.lengths[rows]):
-            members = rows[group]
-            w = int(batch.lengths[members].max())
-            replay = (
-                replay_blocks(lower, below.value[members, :w], raw["output"])
-                if config.reuse_lower_layers else nullcontext()
+        logits, hidden = step_logits(rows, width, check=prefix is not None and step == 0)
+        if hidden is not None and not _agrees(hidden, reference[read_index[rows, :width][read[rows, :width]]]):
+            warnings.warn(
+                f"values.prefix_cache: on {type(model).__name__} the cached rows differ from the whole rows; "
+                "running the whole rows", stacklevel=2,
             )
-            with replay, add_to_output(block, delta[row_owner[members]].to(param_dtype), batch.subject_last[members]):
-                parts.append(logits_at(
-                    model, targets, batch.input_ids[members, :w], batch.attention_mask[members, :w], read[members, :w]
-                ))
-            where = torch.nonzero(read[members, :w])  # (n, 2) read positions, row-major
-            order.append(group[where[:, 0]] * width + where[:, 1])  # their place in the whole batch's order
-        logits = torch.cat(parts)[torch.cat(order).argsort()]  # (read positions, V), row-major over rows
+            prefix = None
+            logits, _ = step_logits(rows, width)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         counts = read[rows, :width].sum(1).view(a, c + 1)  # (a, c+1) positions read per row
         rewrite_mask = torch.ones(a, c + 1, dtype=torch.bool, device=device)
@@ -272,6 +327,15 @@ def _optimize_pass(
         steps=steps,
         reached=final_reached,
     )
+
+
+def _agrees(cached: torch.Tensor, whole: torch.Tensor) -> bool:
+    """Whether the cached path's hidden states equal the whole rows' up to round-off."""
+    if cached.shape != whole.shape:
+        return False
+    tolerance = max(1e-4, 8 * torch.finfo(whole.dtype).eps)
+    scale = whole.abs().max().clamp(min=1e-6)
+    return bool(((cached - whole).abs().max() <= tolerance * scale).item())
 
 
 def _length_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
