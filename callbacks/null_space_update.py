@@ -336,6 +336,7 @@ class NullSpaceUpdate(pl.Callback):
                 keys_at=lambda layer: gather(pl_module.keys(share, layer)),
                 current_values=lambda: gather(pl_module.current_values(share)),
                 watch=self._watch if self.watchers else None,
+                all_keys_at=lambda layers: {at: gather(k) for at, k in pl_module.keys(share, layers).items()},
             )
         self.last_batch = EditedBatch(
             list(requests), outcome.applied, dict(outcome.delta_norms) if outcome.applied else {},

@@ -170,9 +170,12 @@ class AlphaEditModule(pl.LightningModule):
 
     # --- what the callback reads -------------------------------------------------------------
 
-    def keys(self, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
-        """K1 of ``requests`` at ``layer`` on the current model: (u, d_in)."""
+    def keys(self, requests: Sequence[EditRequest], layer: int | Sequence[int]) -> torch.Tensor | dict[int, torch.Tensor]:
+        """K1 of ``requests`` at ``layer`` on the current model: (u, d_in); for a sequence of
+        layers {layer: (u, d_in)}, read in one forward pass."""
         if not requests:  # an empty share of a batch smaller than the world
+            if not isinstance(layer, int):
+                return {at: torch.zeros(0, self.targets.key_size(at), device=self.device) for at in layer}
             return torch.zeros(0, self.targets.key_size(layer), device=self.device)
         return request_keys(self.lm, self.tokenizer, self.targets, requests, layer, self.context_templates)
 

@@ -278,10 +278,12 @@ class SequentialEditor:
         keys_at: Callable[[int], torch.Tensor],
         current_values: Callable[[], torch.Tensor],
         watch: Callable[[int, torch.Tensor], None] | None = None,
+        all_keys_at: Callable[[Sequence[int]], Mapping[int, torch.Tensor]] | None = None,
     ) -> BatchOutcome:
         """Edit every layer towards ``target_values`` (u, d_out); roll back on any failure.
 
-        ``keys_at(layer)`` gives K1 (u, d_in) on the model as updated so far;
+        ``keys_at(layer)`` gives K1 (u, d_in) on the model as updated so far; ``all_keys_at(layers)``,
+        when given, the keys of several layers at once (one forward pass for the cache update);
         ``current_values()`` the last edited block's outputs (u, d_out) likewise.
         ``watch(layer, change)`` (rank 0 only) sees each layer's change (d_out, d_in) as it is
         applied, so that it can be measured without being kept.
@@ -306,7 +308,10 @@ class SequentialEditor:
                 outcome.residual_norms[layer] = float(residuals.norm(dim=1).mean())
             # the cache holds the keys of the edited model, as in the reference
             with timed(outcome.seconds, "cache", device):
-                all_keys = {layer: keys_at(layer) for layer in self.layers}
+                if all_keys_at is not None:
+                    all_keys = dict(all_keys_at(self.layers))
+                else:
+                    all_keys = {layer: keys_at(layer) for layer in self.layers}
                 new_caches = {layer: self._grown_cache(layer, all_keys[layer]) for layer in self.layers}
                 new_full = {layer: algebra.update_cache(self.full_caches[layer], all_keys[layer]) for layer in self.full_caches}
             if not all(torch.isfinite(c).all() for c in [*new_caches.values(), *new_full.values()]):

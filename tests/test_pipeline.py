@@ -184,6 +184,41 @@ def test_update_moves_the_block_output_to_the_target_values(method):
     assert (after < 0.25 * before).all(), f"residual {before.tolist()} -> {after.tolist()}"
 
 
+def test_keys_of_several_layers_in_one_pass_equal_one_pass_per_layer():
+    """The cache update reads every edited layer's keys in one forward pass: the same keys as one
+    pass per layer, context prefixes included."""
+    from lightning_alphaedit.keys import request_keys
+    from lightning_alphaedit.prompts import encode_prompts
+    from lightning_alphaedit.targets import ModelTargets
+    from lightning_alphaedit.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(TinyModelConfig(tokenizer="words"))
+    targets = ModelTargets(model)
+    requests = read_requests(Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl")[:3]
+    contexts = ["{}", "Yes. {}", "Hello there, said the old man. {}"]
+    together = request_keys(model, tok, targets, requests, LAYERS, contexts)
+    assert sorted(together) == sorted(LAYERS)
+    for layer in LAYERS:
+        alone = request_keys(model, tok, targets, requests, layer, contexts)
+        assert alone.shape == (3, targets.key_size(layer))
+        torch.testing.assert_close(together[layer], alone, rtol=1e-5, atol=1e-6)
+    # an independent reading: every prompt alone and whole, a plain pre-hook, the mean formula
+    layer = LAYERS[0]
+    seen = []
+    handle = targets.projection(layer).register_forward_pre_hook(lambda module, args: seen.append(args[0][0]))
+    try:
+        with torch.no_grad():
+            for r in requests:
+                for context in contexts:
+                    batch = encode_prompts(tok, [context.replace("{}", r.prompt)], [r.subject])
+                    model(input_ids=batch.input_ids)
+                    seen[-1] = seen[-1][int(batch.subject_last[0])]
+    finally:
+        handle.remove()
+    k = torch.stack(seen).view(3, len(contexts), -1)  # (u, c, d_in)
+    torch.testing.assert_close(together[layer], 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1), rtol=1e-4, atol=1e-5)
+
+
 def preserved_keys(tmp_path: Path, layer: int, threshold: float) -> torch.Tensor:
     """Unit keys in the span of C0's eigenvectors with eigenvalue >= threshold, read from the cache files."""
     from safetensors import safe_open
