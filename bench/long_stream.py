@@ -5,7 +5,7 @@
 
 Every setting is one ``lightning-alphaedit fit`` on the SmolLM2 CounterFact bench config: the
 first N cases of counterfact-edit.json in file order, batches of 100, validated every 200 edits
-(teacher-forced figures, held-out perplexity and KL; generation off), ``last.ckpt`` after every
+(teacher-forced figures, held-out perplexity and KL; generation and WILD off), ``last.ckpt`` after every
 validation. A setting whose folder already holds a checkpoint goes on from it, so a long run is
 made in chunks: run the same command again after an interruption. One setting at a time: two
 torch jobs on the same cores slow each other down many times over.
@@ -81,6 +81,7 @@ def run_setting(name: str, overrides: list[str], args) -> None:
         sys.executable, "-m", "lightning_alphaedit", "fit", "--config", str(CONFIG),
         "--data.path", str(DATA), "--data.limit", str(args.n), "--data.batch_size", str(args.batch),
         "--data.edits_per_epoch", str(args.epoch), "--model.evaluation.generation", "false",
+        "--model.evaluation.wild.enabled", "false",
         "--model.values.requests_per_pass", "10", "--trainer.logger", "false", "--export.enabled", "false", "--drift.health", "true",
         "--trainer.enable_progress_bar", "false", *overrides, *args.extra,
         *(["--ckpt_path", str(checkpoint)] if checkpoint.is_file() else []),

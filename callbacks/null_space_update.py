@@ -331,12 +331,13 @@ class NullSpaceUpdate(pl.Callback):
             if self.anchor is not None and outputs["values"] is not None:
                 values = self._anchored(pl_module, outputs)
             values = gather(values)
+            reader = pl_module.key_reader(share, frozen_below=min(self.layers))  # only edited layers change
             outcome = self.editor.apply_batch(
                 values,
-                keys_at=lambda layer: gather(pl_module.keys(share, layer)),
-                current_values=lambda: gather(pl_module.current_values(share)),
+                keys_at=lambda layer: gather(reader.keys(layer)),
+                current_values=lambda: gather(reader.values(pl_module.edit_layer)),
                 watch=self._watch if self.watchers else None,
-                all_keys_at=lambda layers: {at: gather(k) for at, k in pl_module.keys(share, layers).items()},
+                all_keys_at=lambda layers: {at: gather(k) for at, k in reader.keys(layers).items()},
             )
         self.last_batch = EditedBatch(
             list(requests), outcome.applied, dict(outcome.delta_norms) if outcome.applied else {},

@@ -19,7 +19,7 @@ import torch
 from lightning_alphaedit.chat import FORMS, render_template, require_chat_template
 from lightning_alphaedit.collective import Collective
 from lightning_alphaedit.evaluation import EditEvaluation, EvaluationConfig
-from lightning_alphaedit.keys import block_outputs, request_keys
+from lightning_alphaedit.keys import KeyReader
 from lightning_alphaedit.models import ModelConfig, context_length, load_model, load_tokenizer
 from lightning_alphaedit.prompts import generate_context_templates
 from lightning_alphaedit.requests import EditRequest
@@ -170,20 +170,11 @@ class AlphaEditModule(pl.LightningModule):
 
     # --- what the callback reads -------------------------------------------------------------
 
-    def keys(self, requests: Sequence[EditRequest], layer: int | Sequence[int]) -> torch.Tensor | dict[int, torch.Tensor]:
-        """K1 of ``requests`` at ``layer`` on the current model: (u, d_in); for a sequence of
-        layers {layer: (u, d_in)}, read in one forward pass."""
-        if not requests:  # an empty share of a batch smaller than the world
-            if not isinstance(layer, int):
-                return {at: torch.zeros(0, self.targets.key_size(at), device=self.device) for at in layer}
-            return torch.zeros(0, self.targets.key_size(layer), device=self.device)
-        return request_keys(self.lm, self.tokenizer, self.targets, requests, layer, self.context_templates)
-
-    def current_values(self, requests: Sequence[EditRequest]) -> torch.Tensor:
-        """Outputs of the last edited block at the subjects on the current model: (u, d_out)."""
-        if not requests:
-            return torch.zeros(0, self.targets.value_size(self.edit_layer), device=self.device)
-        return block_outputs(self.lm, self.tokenizer, self.targets, requests, self.edit_layer, self.context_templates[0])
+    def key_reader(self, requests: Sequence[EditRequest], frozen_below: int = 0) -> KeyReader:
+        """Keys and current values of ``requests`` (an empty share of a batch smaller than the
+        world included), read on the model as it is at each read; the blocks below
+        ``frozen_below`` are taken not to change meanwhile."""
+        return KeyReader(self.lm, self.tokenizer, self.targets, requests, self.context_templates, frozen_below)
 
     # --- the loop ------------------------------------------------------------------------------
 

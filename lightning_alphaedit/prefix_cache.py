@@ -68,17 +68,22 @@ class PrefixCache:
     argument: str  # the forward's name for the cache
 
     @classmethod
-    def from_cache(cls, cache, start: Tensor, end: Tensor, input_ids: Tensor, argument: str) -> PrefixCache | None:
-        """The prefix cache held by a filled `DynamicCache`; None when its layout is not the
-        plain per-block keys and values (no ``layers``, a layer left empty, a sliding layer)."""
+    def from_cache(
+        cls, cache, width: int, start: Tensor, end: Tensor, input_ids: Tensor, argument: str
+    ) -> PrefixCache | None:
+        """The prefix cache held by a `DynamicCache` filled by a pass over the first ``width``
+        positions of ``input_ids``' rows (at least up to each row's ``start``); None when its
+        layout is not the plain per-block keys and values (no ``layers``, a layer left empty, a
+        sliding layer that dropped positions)."""
         layers = getattr(cache, "layers", None)
         if not layers:
             return None
         keys, values = [], []
-        t = input_ids.shape[1]
+        if int(start.max()) > width:
+            raise ValueError(f"a row starts at {int(start.max())}, after the {width} cached positions")
         for layer in layers:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if k is None or v is None or k.dim() != 4 or k.shape[-2] != t or k.shape[0] != input_ids.shape[0]:
+            if k is None or v is None or k.dim() != 4 or k.shape[0] != input_ids.shape[0] or k.shape[-2] != width:
                 return None
             keys.append(k)
             values.append(v)

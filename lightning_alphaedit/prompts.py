@@ -29,9 +29,10 @@ class PromptBatch:
         return PromptBatch(*(t.to(device) for t in fields))
 
 
-def target_token_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of an answer as it continues a prompt: a leading space, no BOS."""
-    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+def target_token_ids(tokenizer, target: str, end: str = "") -> list[int]:
+    """Token ids of an answer as it continues a prompt: a leading space, no BOS; ``end`` (e.g.
+    ".") follows the answer, tokenized with it as the model would write it."""
+    ids = tokenizer(" " + target.strip() + end, add_special_tokens=False)["input_ids"]
     if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         ids = ids[1:]
     if not ids:

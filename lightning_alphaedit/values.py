@@ -77,6 +77,11 @@ class ValueOptimizationConfig:
     ``extra_steps + 1``-th. 0 stops at the first."""
     kl_prompt: str = "{} is a"
     """Template of the essence (KL) prompt."""
+    answer_end: str = ""
+    """Text the new target is followed by in the loss of the prompts that are not chat turns, e.g.
+    "." or "\n": the edit then also teaches the answer to end after the target, which is what a
+    free answer is judged on (a chat turn ends with the template's end-of-turn token anyway).
+    "" (the paper's way): the target alone, and nothing says where the answer stops."""
     reuse_lower_layers: bool = True
     """Compute the blocks up to the edited one once per batch instead of at every step (they do
     not depend on δ; same result, about a fifth less time). Off: recompute them every step."""
@@ -162,7 +167,10 @@ def _optimize_pass(
     if len(chat) != c:
         raise ValueError(f"{len(chat)} chat flags for {c} context templates")
     answers = {(r.target_new, flag) for r in requests for flag in chat}
-    answer_ids = {(t, flag): (chat_answer_ids if flag else target_token_ids)(tokenizer, t) for t, flag in answers}
+    answer_ids = {
+        (t, flag): chat_answer_ids(tokenizer, t) if flag else target_token_ids(tokenizer, t, config.answer_end)
+        for t, flag in answers
+    }
     target_ids = [answer_ids[r.target_new, flag] for r in requests for flag in chat]  # (u*c) one per rewrite row
 
     # Rows: u*c rewrite prompts (context + prompt + target[:-1]), then u KL prompts.
@@ -204,7 +212,9 @@ def _optimize_pass(
                 with capture_output(targets.final_norm) as top, stop_after(targets.final_norm):
                     model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **{argument: cache, "use_cache": True})
                 end = torch.where(read, torch.arange(read.shape[1], device=device), -1).max(1).values + 1  # (rows,)
-                prefix = PrefixCache.from_cache(cache, batch.subject_last, end, batch.input_ids, argument)
+                prefix = PrefixCache.from_cache(
+                    cache, batch.input_ids.shape[1], batch.subject_last, end, batch.input_ids, argument
+                )
                 if prefix is None:
                     why_not = "its cache does not hold one key/value tensor per block"
                 reference = top.value[read]  # (n, d) row-major over the rows

@@ -106,7 +106,9 @@ def test_two_processes_edit_like_one(runs):
     assert deltas_one.keys() == deltas_two.keys()
     for name in deltas_one:
         assert float(deltas_one[name].norm()) > 0
-        assert_close_relative(deltas_two[name], deltas_one[name], name)
+        # each rank's value step runs its share padded to the share's own widths: z* agree to
+        # ~1e-5, and the solve (l2 = 10 on a tiny random model) carries that to ~2e-4 here
+        assert_close_relative(deltas_two[name], deltas_one[name], name, tolerance=1e-3)
     caches_two = caches(two, tmp / "cache-two" / "statistics")
     for layer, cache in caches(one, tmp / "cache-one" / "statistics").items():
         assert_close_relative(caches_two[layer], cache, f"cache layer {layer}")

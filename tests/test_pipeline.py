@@ -219,6 +219,33 @@ def test_keys_of_several_layers_in_one_pass_equal_one_pass_per_layer():
     torch.testing.assert_close(together[layer], 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1), rtol=1e-4, atol=1e-5)
 
 
+def test_a_key_reader_replays_only_the_blocks_below_the_edited_ones():
+    """During an update the reader replays the blocks below ``frozen_below``: after a weight of an
+    edited layer changes it reads what a fresh pass reads, and its first read is the old model's."""
+    from lightning_alphaedit.keys import KeyReader, block_outputs, request_keys
+    from lightning_alphaedit.targets import ModelTargets
+    from lightning_alphaedit.tiny import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(TinyModelConfig(tokenizer="words"))
+    targets = ModelTargets(model)
+    requests = read_requests(Path(__file__).resolve().parents[1] / "lightning_alphaedit" / "data" / "tiny_edits.jsonl")[:3]
+    contexts = ["{}", "Yes. {}", "Hello there, said the old man. {}"]
+    reader = KeyReader(model, tok, targets, requests, contexts, frozen_below=2)
+    before = reader.keys(3)
+    weight = targets.weight(2).detach().clone()
+    with torch.no_grad():
+        targets.weight(2).add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+    try:
+        after = reader.keys([1, 3])
+        torch.testing.assert_close(after[3], request_keys(model, tok, targets, requests, 3, contexts), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(after[1], request_keys(model, tok, targets, requests, 1, contexts), rtol=1e-5, atol=1e-6)
+        assert (after[3] - before).norm() > 1e-3 * before.norm()  # the edit reached the key
+        torch.testing.assert_close(reader.values(3), block_outputs(model, tok, targets, requests, 3), rtol=1e-5, atol=1e-6)
+    finally:
+        with torch.no_grad():
+            targets.weight(2).copy_(weight)
+
+
 def preserved_keys(tmp_path: Path, layer: int, threshold: float) -> torch.Tensor:
     """Unit keys in the span of C0's eigenvectors with eigenvalue >= threshold, read from the cache files."""
     from safetensors import safe_open

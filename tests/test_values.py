@@ -198,6 +198,25 @@ def test_a_model_whose_cached_rows_differ_falls_back_to_the_whole_rows():
     torch.testing.assert_close(checked.targets, whole.targets, rtol=0, atol=0)
 
 
+def test_an_answer_end_is_learned_after_the_target():
+    """``answer_end`` makes the loss read the end marker after the new target: the same δ as a
+    target that carries the marker itself, and not the δ of the target alone."""
+    model, tokenizer = tiny_model_and_tokenizer(TinyModelConfig(architecture="llama", tokenizer="words"))
+    model.requires_grad_(False)
+    targets = ModelTargets(model)
+    requests = read_requests(str(resources.files("lightning_alphaedit") / "data" / "tiny_edits.jsonl"))[:2]
+    ids = target_token_ids(tokenizer, requests[0].target_new, ".")
+    assert ids[:-1] == target_token_ids(tokenizer, requests[0].target_new) and tokenizer.decode(ids[-1:]) == "."
+    config = ValueOptimizationConfig(num_grad_steps=4, lr=0.5, answer_end=".")
+    ended = optimize_values(model, tokenizer, targets, requests, LAYER, CONTEXTS, config)
+    carried = [dataclasses.replace(r, target_new=r.target_new + ".") for r in requests]
+    config.answer_end = ""
+    same = optimize_values(model, tokenizer, targets, carried, LAYER, CONTEXTS, config)
+    bare = optimize_values(model, tokenizer, targets, requests, LAYER, CONTEXTS, config)
+    torch.testing.assert_close(ended.targets, same.targets, rtol=0, atol=0)
+    assert (ended.targets - bare.targets).norm() > 1e-3 * bare.targets.norm()
+
+
 def test_length_groups_split_only_when_it_pays():
     lengths = torch.tensor([5, 20, 21, 4, 19, 6])
     groups = _length_groups(lengths)
