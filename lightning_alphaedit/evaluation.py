@@ -36,7 +36,7 @@ from lightning_alphaedit.metrics import NgramEntropy, TfidfSimilarity, TfidfVoca
 from lightning_alphaedit.prompts import target_token_ids
 from lightning_alphaedit.requests import EditRequest
 from lightning_alphaedit.collective import Collective
-from lightning_alphaedit.scoring import AnswerScores, generate, score_answer_sets, starts_with_answer
+from lightning_alphaedit.scoring import AnswerScores, generate, score_answers, starts_with_answer
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.wild import WildConfig, WildEvaluation
 
@@ -119,44 +119,37 @@ class EditEvaluation(torch.nn.Module):
         if wild and self.wild is not None:
             reference = {} if wild_reference is None else wild_reference
             self.wild.update(model, tokenizer, requests, reference, record_wild, self.config.batch_size)
-        def score(prompts, *answer_sets):  # one AnswerScores per set; each prompt runs once
-            return score_answer_sets(model, tokenizer, targets, prompts, answer_sets, self.config.batch_size)
-
+        score = lambda prompts, answers: score_answers(  # noqa: E731
+            model, tokenizer, targets, prompts, answers, self.config.batch_size
+        )
         rewrite = [r.text for r in requests]
-        known = [i for i, r in enumerate(requests) if r.target_true]
-        if len(known) == len(requests):
-            new, true = score(rewrite, [r.target_new for r in requests], [r.target_true for r in requests])
-        else:
-            new, = score(rewrite, [r.target_new for r in requests])
-            true, = score([rewrite[i] for i in known], [requests[i].target_true for i in known]) if known else (None,)
+        new = score(rewrite, [r.target_new for r in requests])
         self._add("efficacy_token_acc", new.token_accuracy)
         self._add("efficacy_argmax", new.all_argmax)
+        known = [i for i, r in enumerate(requests) if r.target_true]
         if known:
+            true = score([rewrite[i] for i in known], [requests[i].target_true for i in known])
             self._comparison("efficacy", _select(new, known), true, range(len(known)))
 
         para = [(i, p) for i, r in enumerate(requests) for p in r.paraphrase_prompts]
         if para:
             prompts = [p for _, p in para]
+            para_new = score(prompts, [requests[i].target_new for i, _ in para])
             owners = [i for i, _ in para]
-            with_true = [j for j, (i, _) in enumerate(para) if requests[i].target_true]
-            news = [requests[i].target_new for i, _ in para]
-            if len(with_true) == len(para):
-                para_new, para_true = score(prompts, news, [requests[i].target_true for i, _ in para])
-            else:
-                para_new, = score(prompts, news)
-                para_true, = score([prompts[j] for j in with_true], [requests[para[j][0]].target_true for j in with_true]) \
-                    if with_true else (None,)
             self._add("generalization_token_acc", per_owner_mean(para_new.token_accuracy, owners))
             self._add("generalization_argmax", per_owner_mean(para_new.all_argmax, owners))
+            with_true = [j for j, (i, _) in enumerate(para) if requests[i].target_true]
             if with_true:
+                para_true = score([prompts[j] for j in with_true], [requests[para[j][0]].target_true for j in with_true])
                 self._comparison("generalization", _select(para_new, with_true), para_true, [owners[j] for j in with_true])
 
         neighbours = [(r, n) for r in requests for n in r.neighborhood_prompts]
         if neighbours:
             prompts = [n.prompt for _, n in neighbours]
-            keep, moved = score(prompts, [n.target for _, n in neighbours], [r.target_new for r, _ in neighbours])
+            keep = score(prompts, [n.target for _, n in neighbours])
             self._add("specificity_token_acc", keep.token_accuracy)
             self._add("specificity_argmax", keep.all_argmax)
+            moved = score(prompts, [r.target_new for r, _ in neighbours])
             self._add("specificity", (keep.nll < moved.nll).float())
             self._add("specificity_magnitude", (-keep.nll).exp() - (-moved.nll).exp())
 

@@ -8,15 +8,12 @@ value per prompt, and `lightning_alphaedit.metrics` turns them into the paper's 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lightning_alphaedit.prefix_cache import PrefixCache, cache_argument
-from lightning_alphaedit.prefix_cache import unsupported as prefix_unsupported
 from lightning_alphaedit.prompts import seeded, target_token_ids
 from lightning_alphaedit.readout import logits_at
 from lightning_alphaedit.targets import ModelTargets
@@ -49,130 +46,37 @@ def score_answers(
     batch_size: int = 32,
 ) -> AnswerScores:
     """Score ``answers[i]`` (with a leading space) after ``prompts[i]``, batched and right-padded."""
-    return score_answer_sets(model, tokenizer, targets, prompts, [answers], batch_size)[0]
-
-
-@torch.no_grad()
-def score_answer_sets(
-    model: torch.nn.Module,
-    tokenizer,
-    targets: ModelTargets,
-    prompts: Sequence[str],
-    answer_sets: Sequence[Sequence[str]],
-    batch_size: int = 32,
-) -> list[AnswerScores]:
-    """Score each set's ``answers[i]`` after ``prompts[i]``: one `AnswerScores` per set.
-
-    The protocol scores a prompt for two answers (the new target and the true one). Each prompt
-    runs once: its last position gives every answer's first token, and an answer's further tokens
-    run against the prompt's keys and values (`lightning_alphaedit.prefix_cache`), so a second
-    answer costs its own tokens only. The first batch is also scored row by row in full; a model
-    on which the two differ (or that cannot take the cache) is scored in full, with a warning.
-    """
-    for answers in answer_sets:
-        if len(answers) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     device = _device(model)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    answer_ids = [[target_token_ids(tokenizer, a) for a in answers] for answers in answer_sets]
-    longest = max((len(p) + max(len(ids[i]) for ids in answer_ids) for i, p in enumerate(prompt_ids)), default=0)
-    why_not = prefix_unsupported(model, longest) if prompts and len(answer_sets) > 1 else "one answer per prompt"
-    pieces: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in answer_sets]  # per set: (log p, hit) per answer
+    nll, accuracy, all_argmax = [], [], []
     for start in range(0, len(prompts), batch_size):
-        batch = prompt_ids[start : start + batch_size]
-        answers = [ids[start : start + batch_size] for ids in answer_ids]
-        if why_not is None:
-            scored = _score_on_prompt_cache(model, tokenizer, targets, batch, answers)
-            if start == 0:
-                whole = [_score_whole_rows(model, tokenizer, targets, batch, ids) for ids in answers]
-                tolerance = max(1e-3, 16 * torch.finfo(next(model.parameters()).dtype).eps)
-                if not all(_same_scores(a, b, tolerance) for s, w in zip(scored, whole) for a, b in zip(s, w)):
-                    warnings.warn(f"scoring: on {type(model).__name__} answers scored on the prompt's cache differ "
-                                  "from whole rows; scoring whole rows", stacklevel=2)
-                    why_not, scored = "it differed", whole
-        else:
-            scored = [_score_whole_rows(model, tokenizer, targets, batch, ids) for ids in answers]
-        for collected, rows in zip(pieces, scored):
-            collected += rows
-    results = []
-    for collected in pieces:
-        nll = [-log_p.mean() for log_p, _ in collected]
-        accuracy = [hit.float().mean() for _, hit in collected]
-        all_argmax = [hit.float().min() for _, hit in collected]
-        empty = torch.zeros(0, dtype=torch.float32, device=device)
-        stack = lambda xs: torch.stack(xs) if xs else empty  # noqa: E731
-        results.append(AnswerScores(nll=stack(nll), token_accuracy=stack(accuracy), all_argmax=stack(all_argmax)))
-    return results
-
-
-def _padded(tokenizer, rows: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) (b, t) of right-padded rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)  # (b, t)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(list(row), dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
-
-
-def _score_whole_rows(model, tokenizer, targets, prompts, answers) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per row (log p of each answer token, whether it is the argmax), prompt + answer in one row."""
-    device = _device(model)
-    ids, mask = _padded(tokenizer, [p + a for p, a in zip(prompts, answers)], device)
-    read = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        read[i, len(p) - 1 : len(p) + len(a) - 1] = True  # positions p-1 .. p+a-2 predict tokens p .. p+a-1
-    logits = logits_at(model, targets, ids, mask, read).float()  # (m, V), row-major
-    wanted = torch.tensor([t for a in answers for t in a], device=device)  # (m,)
-    return _per_row(logits, wanted, [len(a) for a in answers])
-
-
-def _score_on_prompt_cache(model, tokenizer, targets, prompts, answer_sets) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Like `_score_whole_rows` for every answer set, the prompts run once."""
-    device = _device(model)
-    ids, mask = _padded(tokenizer, prompts, device)
-    last = torch.zeros_like(ids, dtype=torch.bool)
-    last[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])] = True
-    cache, argument = DynamicCache(), cache_argument(model)
-    first = logits_at(model, targets, ids, mask, last, **{argument: cache, "use_cache": True}).float()  # (b, V)
-    starts = torch.tensor([len(p) for p in prompts], device=device)  # (b,) each answer's first position
-    dtype = next(model.parameters()).dtype
-    scored = []
-    for answers in answer_sets:
-        rows, _ = _padded(tokenizer, [p + a for p, a in zip(prompts, answers)], device)
-        ends = starts + torch.tensor([len(a) - 1 for a in answers], device=device)  # (b,) one past the last read
-        prefix = PrefixCache.from_cache(cache, ids.shape[1], starts, ends, rows, argument)
-        if prefix is None:
-            raise RuntimeError("the prompt pass left no plain key/value cache")
-        members = torch.nonzero(ends > starts).squeeze(1)  # answers of two tokens or more
-        rest = None
-        if members.numel():
-            inputs = prefix.inputs(members, dtype)
-            rest = logits_at(model, targets, inputs.pop("input_ids"), inputs.pop("attention_mask"),
-                             prefix.valid(members), **inputs).float()  # (n, V) row-major over members
-        # per row: the prompt's last position, then the answer's own positions
-        order, taken = [], 0
-        counts = {int(m): len(answers[int(m)]) - 1 for m in members}
-        for i in range(len(prompts)):
-            order.append(first[i : i + 1])
-            if i in counts:
-                order.append(rest[taken : taken + counts[i]])
-                taken += counts[i]
-        wanted = torch.tensor([t for a in answers for t in a], device=device)
-        scored.append(_per_row(torch.cat(order), wanted, [len(a) for a in answers]))
-    return scored
-
-
-def _per_row(logits: torch.Tensor, wanted: torch.Tensor, lengths: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    log_probs = torch.log_softmax(logits, dim=-1)
-    picked = log_probs.gather(1, wanted[:, None])[:, 0]  # (m,)
-    hit = logits.argmax(dim=-1) == wanted  # (m,)
-    return list(zip(picked.split(list(lengths)), hit.split(list(lengths))))
-
-
-def _same_scores(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], tolerance: float) -> bool:
-    """Two scorings of one answer agree up to round-off: log p of every token within ``tolerance`` nats."""
-    return bool((a[0] - b[0]).abs().max() <= tolerance)
+        rows, spans = [], []
+        for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
+            prompt_ids, answer_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, answer)
+            spans.append((len(prompt_ids), len(answer_ids)))
+            rows.append(prompt_ids + answer_ids)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)  # (b, t)
+        mask = torch.zeros_like(ids)
+        read = torch.zeros_like(ids, dtype=torch.bool)
+        answer_tokens = []
+        for i, (row, (p, a)) in enumerate(zip(rows, spans)):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            read[i, p - 1 : p + a - 1] = True  # positions p-1 .. p+a-2 predict tokens p .. p+a-1
+            answer_tokens.append(ids[i, p : p + a])
+        logits = logits_at(model, targets, ids.to(device), mask.to(device), read.to(device)).float()  # (m, V)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        wanted = torch.cat(answer_tokens).to(device)  # (m,), row-major like the read positions
+        picked = log_probs.gather(1, wanted[:, None])[:, 0]  # (m,)
+        hit = (logits.argmax(dim=-1) == wanted).float()  # (m,)
+        for piece_nll, piece_hit in zip(picked.split([a for _, a in spans]), hit.split([a for _, a in spans])):
+            nll.append(-piece_nll.mean())
+            accuracy.append(piece_hit.mean())
+            all_argmax.append(piece_hit.min())
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
+    stack = lambda xs: torch.stack(xs) if xs else empty  # noqa: E731
+    return AnswerScores(nll=stack(nll), token_accuracy=stack(accuracy), all_argmax=stack(all_argmax))
 
 
 @torch.no_grad()
