@@ -31,11 +31,20 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_alphaedit import __version__
 from lightning_alphaedit.ask import main as ask_main
-from lightning_alphaedit.callbacks import STANDARD_MONITORS, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
+from lightning_alphaedit.callbacks import (
+    STANDARD_MONITORS,
+    EditHistory,
+    EditProgressBar,
+    ExportEditedModel,
+    NullSpaceUpdate,
+    find_callback,
+)
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.wild import WILD_PREFIX
@@ -73,7 +82,50 @@ class SaveRunConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": self.config.as_dict()})
 
 
+COMMANDS = {
+    "fit": "edit a model with a stream of edit requests: statistics, value steps, projected weight "
+           "updates, validation after every edit epoch, the test stage, the edited model saved",
+    "ask": "answer prompts with the unedited and an edited model side by side",
+    "trace": "causal tracing: which layers carry the facts of the edit stream's subjects",
+    "spectrum": "the key statistics' eigenvalues and the null space each selection rule keeps",
+    "report": "figures against the number of edits, and a table of final figures, from finished runs",
+}
+"""Every command of ``lightning-alphaedit``, with what it does (the top-level help)."""
+
+
+TOOL = ("Knowledge editing with AlphaEdit (and MEMIT, PRUNE, RECT, FT) on PyTorch Lightning: change facts "
+        "inside a language model, keep everything else it knows.")
+
+
+def usage() -> str:
+    """The top-level help: what the tool is, and every command in one line."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: lightning-alphaedit COMMAND [options]",
+        "",
+        TOOL,
+        "",
+        "commands:",
+        *(f"  {name:{width}s}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help     show this help and exit",
+        "  --version      show the version and exit",
+        "",
+        "lightning-alphaedit COMMAND --help lists a command's options, e.g.",
+        "  lightning-alphaedit fit --config configs/demo.yaml",
+        "  lightning-alphaedit fit --help",
+    ]
+    return "\n".join(lines)
+
+
 class AlphaEditCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: an edit run is a fit; Lightning's validate, test and predict would run
+        an unedited module outside the edit stream, which nothing in this project needs."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
         for key, monitor in STANDARD_MONITORS.items():
@@ -86,7 +138,16 @@ class AlphaEditCLI(LightningCLI):
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [cb for cb in callbacks if getattr(cb, "enabled", True)]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, callbacks)
+        configured = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(cb, ProgressBar) for cb in configured
+        ):
+            callbacks.append(EditProgressBar())
+        trainer = self._instantiate_trainer(trainer_config, callbacks)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                _quiet_wandb(logger)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """A ``ckpt_path`` must be one of this framework's checkpoints (refused clearly otherwise).
@@ -125,6 +186,17 @@ class AlphaEditCLI(LightningCLI):
                 print(f"W&B run:      {Path(logger.experiment.dir).parent}")
                 # finished here, or a second run in this process would write into this one
                 logger.experiment.finish()
+
+
+def _quiet_wandb(logger: WandbLogger) -> None:
+    """Removes the causes of two W&B warnings nobody can act on: Lightning passes
+    ``anonymous=None``, which W&B reports as a deprecated setting, and W&B looks for a git
+    repository in the run folder before it exists. Other W&B warnings still show."""
+    init = getattr(logger, "_wandb_init", None)  # Lightning's arguments for wandb.init
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 
 
 def format_results(unedited: dict[str, float], edited: dict[str, float], results_path=None) -> str:
@@ -179,6 +251,15 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     os.environ.setdefault("WANDB_MODE", "offline")
     quiet_lightning()
     args = sys.argv[1:] if args is None else list(args)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if args else 2)
+    if args[0] == "--version":
+        print(f"lightning-alphaedit {__version__}")
+        raise SystemExit(0)
+    if args[0] not in COMMANDS and not args[0].startswith("-"):
+        raise SystemExit(f"lightning-alphaedit: unknown command {args[0]!r}; the commands are "
+                         f"{', '.join(COMMANDS)} (lightning-alphaedit --help)")
     if args and args[0] == "report":
         return report_main(args[1:])
     if args and args[0] == "ask":
@@ -186,13 +267,16 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     if args and args[0] in ("trace", "spectrum"):
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            cli = _cli(args[1:], run=False)
+            cli = _cli(args[1:], run=False, prog=f"lightning-alphaedit {args[0]}", description=COMMANDS[args[0]])
         (trace if args[0] == "trace" else spectrum)(cli)
         return cli
     return _cli(args)
 
 
-def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -> AlphaEditCLI:
+def _cli(
+    args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI, prog: str = "lightning-alphaedit",
+    description: str | None = None,
+) -> AlphaEditCLI:
     # the configs' field docstrings are the options' --help texts
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     wandb = sys.modules.get("wandb")
@@ -201,7 +285,7 @@ def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -
         return cli_class(
             AlphaEditModule,
             EditStreamDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
+            parser_kwargs={"parser_mode": "omegaconf", "prog": prog, "description": description or TOOL},
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ import torch
 import yaml
 from lightning_alphaedit.callbacks import EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 
-from lightning_alphaedit.cli import AlphaEditCLI, run
+from lightning_alphaedit import __version__
+from lightning_alphaedit.cli import COMMANDS, AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
 
@@ -171,3 +175,51 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
     message = str(error.value)
     assert f"{bad} is" in message and "not a lightning-alphaedit checkpoint" in message, message
     assert "weights_only" not in message
+
+
+def _command(*args: str, cwd: Path = ROOT, **environment: str) -> subprocess.CompletedProcess:
+    """``lightning-alphaedit ARGS`` as a user runs it: a process of its own."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **environment}
+    return subprocess.run([sys.executable, "-m", "lightning_alphaedit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_top_level_help_lists_every_command_and_nothing_else():
+    for flags, status in ((["--help"], 0), (["-h"], 0), ([], 2)):
+        done = _command(*flags)
+        assert done.returncode == status, done.stderr[-2000:]
+        assert "Knowledge editing" in done.stdout
+        listed = re.findall(r"^  (\w+)  ", done.stdout, flags=re.MULTILINE)
+        assert listed == list(COMMANDS), listed
+        assert "Lightning Trainer command line tool" not in done.stdout
+    version = _command("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"lightning-alphaedit {__version__}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_its_own_help(command):
+    done = _command(command, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"lightning-alphaedit {command}" in done.stdout.split("\n\n")[0]  # the usage names the command
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict", "edit"])
+def test_a_command_that_is_not_offered_is_refused_with_the_list(command):
+    done = _command(command, "--config", str(ROOT / "configs" / "tiny.yaml"))
+    assert done.returncode != 0
+    assert f"unknown command {command!r}" in done.stderr and "fit, ask, trace, spectrum, report" in done.stderr
+
+
+def test_a_run_shows_edit_epochs_and_no_unactionable_warnings(tmp_path):
+    """The progress bar counts edit epochs of the stream; the W&B warnings nobody can act on are gone."""
+    done = _command(
+        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.limit", "8", "--data.edits_per_epoch", "4",
+        "--model.evaluation.generation", "false", "--model.evaluation.wild.enabled", "false",
+        "--export.enabled", "false", "--trainer.enable_progress_bar", "true",
+        LIGHTNING_ALPHAEDIT_RUNS=str(tmp_path / "runs"), LIGHTNING_ALPHAEDIT_CACHE=str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "edit epoch 1 of 2" in output and "edit epoch 2 of 2" in output
+    assert "Epoch 1/-2" not in output and "/-2" not in output
+    assert "anonymous setting" not in output and "git root" not in output
