@@ -2,6 +2,7 @@
 
     lightning-alphaedit fit --config configs/tiny.yaml
     lightning-alphaedit fit --config configs/llama3-8b.yaml --data.limit 2000
+    lightning-alphaedit statistics --config configs/llama3-8b.yaml --statistics.output stats/
     lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
     lightning-alphaedit spectrum --config configs/demo.yaml
     lightning-alphaedit report RUN_DIR [RUN_DIR ...]
@@ -12,7 +13,8 @@ section, and runs causal tracing instead of training. ``report`` draws the figur
 finished runs against the number of edits (see `lightning_alphaedit.report`); ``spectrum``
 shows the key statistics' eigenvalues and the null space each selection rule keeps;
 ``ask`` answers prompts with the unedited and the edited model side by side (see
-`lightning_alphaedit.ask`).
+`lightning_alphaedit.ask`); ``statistics`` computes the key statistics a ``fit`` of the same
+config would, and nothing else (resumable; exportable with a manifest).
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``; the standard
@@ -57,7 +59,13 @@ from lightning_alphaedit.spectrum import SpectrumConfig, parse_rule, spectrum_ro
 from lightning_alphaedit.spectrum import eigenvalues as spectrum_eigenvalues
 from lightning_alphaedit.spectrum import format_table as format_spectrum
 from lightning_alphaedit.spectrum import save as save_spectrum
-from lightning_alphaedit.statistics import layer_statistics
+from lightning_alphaedit.statistics import (
+    CollectionStopped,
+    StatisticsCommandConfig,
+    export_statistics,
+    layer_statistics,
+    statistics_keys,
+)
 from lightning_alphaedit.timing import timed
 from lightning_alphaedit.trace import (
     TraceConfig,
@@ -86,6 +94,8 @@ COMMANDS = {
     "fit": "edit a model with a stream of edit requests: statistics, value steps, projected weight "
            "updates, validation after every edit epoch, the test stage, the edited model saved",
     "ask": "answer prompts with the unedited and an edited model side by side",
+    "statistics": "compute (or go on computing) the key statistics a fit with the same config needs, "
+                  "and nothing else; --statistics.output DIR exports them for another machine",
     "trace": "causal tracing: which layers carry the facts of the edit stream's subjects",
     "spectrum": "the key statistics' eigenvalues and the null space each selection rule keeps",
     "report": "figures against the number of edits, and a table of final figures, from finished runs",
@@ -132,6 +142,7 @@ class AlphaEditCLI(LightningCLI):
             parser.add_lightning_class_args(monitor, key)
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
         parser.add_class_arguments(SpectrumConfig, "spectrum", fail_untyped=False)
+        parser.add_class_arguments(StatisticsCommandConfig, "statistics", fail_untyped=False)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer with ``edit`` and the standard monitors, less those configured ``enabled: false``."""
@@ -264,11 +275,11 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
         return report_main(args[1:])
     if args and args[0] == "ask":
         return ask_main(args[1:])
-    if args and args[0] in ("trace", "spectrum"):
+    if args and args[0] in ("trace", "spectrum", "statistics"):
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
             cli = _cli(args[1:], run=False, prog=f"lightning-alphaedit {args[0]}", description=COMMANDS[args[0]])
-        (trace if args[0] == "trace" else spectrum)(cli)
+        {"trace": trace, "spectrum": spectrum, "statistics": statistics}[args[0]](cli)
         return cli
     return _cli(args)
 
@@ -341,6 +352,28 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
     print(format_spectrum(rows))
     print(f"figure:  {files['png']}\nnumbers: {files['json']}")
     return rows
+
+
+def statistics(cli: AlphaEditCLI) -> dict:
+    """The key statistics a ``fit`` with this config needs, into the same cache under the same key
+    (that fit then starts editing at once); with ``statistics.output``, exported with a manifest."""
+    config = cli.config_init["statistics"]
+    module = cli.model
+    module.configure_model()
+    module.lm.to(cli.trainer.strategy.root_device)
+    update = find_callback(cli.trainer, NullSpaceUpdate)
+    corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
+    arguments = (module.lm, module.tokenizer, module.targets, update.layers, update.statistics, module.lm_config.identity, corpus)
+    with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
+        try:
+            moments = layer_statistics(*arguments)
+        except CollectionStopped as stopped:
+            raise SystemExit(f"lightning-alphaedit statistics: {stopped}") from None
+    for layer, m in sorted(moments.items()):
+        print(f"layer {layer}: {m.count:,} tokens")
+    if config.output:
+        print(f"exported: {export_statistics(moments, statistics_keys(*arguments), config.output)}")
+    return moments
 
 
 def main(args: list[str] | None = None) -> None:

@@ -207,7 +207,7 @@ def test_every_command_has_its_own_help(command):
 def test_a_command_that_is_not_offered_is_refused_with_the_list(command):
     done = _command(command, "--config", str(ROOT / "configs" / "tiny.yaml"))
     assert done.returncode != 0
-    assert f"unknown command {command!r}" in done.stderr and "fit, ask, trace, spectrum, report" in done.stderr
+    assert f"unknown command {command!r}" in done.stderr and ", ".join(COMMANDS) in done.stderr
 
 
 def test_a_run_shows_edit_epochs_and_no_unactionable_warnings(tmp_path):
@@ -223,3 +223,29 @@ def test_a_run_shows_edit_epochs_and_no_unactionable_warnings(tmp_path):
     assert "edit epoch 1 of 2" in output and "edit epoch 2 of 2" in output
     assert "Epoch 1/-2" not in output and "/-2" not in output
     assert "anonymous setting" not in output and "git root" not in output
+
+
+def test_statistics_as_a_job_of_their_own_then_a_fit_on_another_machine(tmp_path, monkeypatch, capsys):
+    """``statistics`` fills the cache a fit with the same config reads (that fit collects nothing)
+    and exports the files; a fit elsewhere (an empty cache) uses the export with
+    ``edit.statistics.file`` and collects nothing either."""
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    quick = ["--data.limit", "4", "--model.evaluation.generation", "false", "--model.evaluation.wild.enabled", "false",
+             "--export.enabled", "false", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(tmp_path / "here"))
+    run(["statistics", "--config", tiny, "--statistics.output", str(tmp_path / "shared")])
+    printed = capsys.readouterr().out
+    assert "layer 1:" in printed and "layer 2:" in printed and "manifest.json" in printed
+    entries = sorted((tmp_path / "here" / "statistics").glob("layer*.safetensors"))
+    assert len(entries) == 2
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    cli = run(["fit", "--config", tiny, *quick])
+    assert find_callback(cli.trainer, NullSpaceUpdate).edits_applied == 4
+    assert sorted((tmp_path / "here" / "statistics").glob("layer*.safetensors")) == entries  # the same entries,
+    assert [p.stat().st_mtime_ns for p in entries] == stamps  # read, not rewritten
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_RUNS", str(tmp_path / "runs-elsewhere"))
+    cli = run(["fit", "--config", tiny, *quick, "--edit.statistics.file", str(tmp_path / "shared")])
+    assert find_callback(cli.trainer, NullSpaceUpdate).edits_applied == 4
+    assert not list((tmp_path / "elsewhere").rglob("layer*.safetensors"))  # nothing collected there
