@@ -50,7 +50,7 @@ from lightning_alphaedit.callbacks import (
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.wild import WILD_PREFIX
-from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.run_folder import run_directory
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.module import AlphaEditModule
 from lightning_alphaedit.report import main as report_main

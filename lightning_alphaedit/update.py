@@ -119,7 +119,7 @@ class SequentialEditor:
     """Holds what the method needs per edited layer and applies edit batches in order.
 
     Under several processes (``collective``), rank 0 computes and applies each layer's update
-    and every rank receives the result (see `lightning_alphaedit.distributed`); the caller's
+    and every rank receives the result (`lightning_alphaedit.collective`); the caller's
     ``keys_at`` and ``current_values`` must then return the rows of the whole batch on every rank.
 
     AlphaEdit keeps the null-space basis Û of C0 and the sequential cache in the subspace,
