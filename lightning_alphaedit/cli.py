@@ -121,6 +121,7 @@ def usage() -> str:
         "options:",
         "  -h, --help     show this help and exit",
         "  --version      show the version and exit",
+        "  --debug        show the traceback behind an error message",
         "",
         "lightning-alphaedit COMMAND --help lists a command's options, e.g.",
         "  lightning-alphaedit fit --config configs/demo.yaml",
@@ -231,6 +232,7 @@ EXPECTED_WARNINGS = (
     ".*configure_optimizers` returned `None`",  # δ has its own optimizer inside each step
     ".*Total length of `DataLoader` across ranks is zero",  # no edits to validate before the first
     ".*isinstance\\(treespec, LeafSpec\\)",  # Lightning's own deprecation, nothing to act on
+    ".*args parameter is intended",  # the CLI hands LightningCLI the arguments it has read itself
 )
 """Lightning warnings about choices this design makes on purpose (silenced in the CLI only)."""
 
@@ -376,11 +378,27 @@ def statistics(cli: AlphaEditCLI) -> dict:
     return moments
 
 
+DEBUG_VARIABLE = "LIGHTNING_ALPHAEDIT_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the traceback behind an error message."""
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped."""
+    """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped.
+
+    A refusal (bad data, a checkpoint that does not fit, a missing file) is one message and exit
+    status 1, not a traceback; ``--debug`` or ``LIGHTNING_ALPHAEDIT_DEBUG=1`` shows the traceback.
+    """
     if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a log file (SLURM) sees each line as it is written
-    cli = run(args)
+    args = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in args or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        cli = run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        if debug:
+            raise
+        sys.exit(f"lightning-alphaedit: {error}\n(--debug shows where it came from)")
     if isinstance(cli, AlphaEditCLI) and cli.subcommand == "fit":
         update = find_callback(cli.trainer, NullSpaceUpdate)
         if update.failure:

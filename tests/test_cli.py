@@ -249,3 +249,16 @@ def test_statistics_as_a_job_of_their_own_then_a_fit_on_another_machine(tmp_path
     cli = run(["fit", "--config", tiny, *quick, "--edit.statistics.file", str(tmp_path / "shared")])
     assert find_callback(cli.trainer, NullSpaceUpdate).edits_applied == 4
     assert not list((tmp_path / "elsewhere").rglob("layer*.safetensors"))  # nothing collected there
+
+
+def test_a_refusal_is_one_message_and_status_1_and_debug_shows_the_traceback(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text(json.dumps({"case_id": "x", "subject": "Germany", "prompt": "The capital of {} is"}) + "\n")
+    arguments = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(data),
+                 "--trainer.logger", "false"]
+    environment = dict(LIGHTNING_ALPHAEDIT_RUNS=str(tmp_path / "runs"), LIGHTNING_ALPHAEDIT_CACHE=str(tmp_path / "cache"))
+    done = _command(*arguments, **environment)
+    assert done.returncode == 1
+    assert "broken.jsonl" in done.stderr and "missing" in done.stderr and "Traceback" not in done.stderr
+    debug = _command(*arguments, "--debug", **environment)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
