@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lightning_alphaedit.export import DELTAS_FILE, RESULTS_FILE
+from lightning_alphaedit.export import DELTAS_FILE
+from lightning_alphaedit.run_folder import RESULTS_FILE
 from lightning_alphaedit.paths import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@
 One concern per callback: `NullSpaceUpdate` edits the weights after every batch and owns the
 edit state; the others measure and write around it and read it through its public
 attributes (`find_callback`). The CLI and ``edit()`` add the standard set
-(`standard_callbacks`), each configured under its own key.
+(`STANDARD_MONITORS`), each configured under its own key, and `EditProgressBar` when the
+trainer shows progress.
 """
 
 from lightning_alphaedit.callbacks.find import find_callback, require_callback
@@ -13,6 +14,7 @@ from lightning_alphaedit.callbacks.edit_history import EditHistory
 from lightning_alphaedit.callbacks.edit_checkpoint import EditCheckpoint
 from lightning_alphaedit.callbacks.export_edited_model import ExportEditedModel
 from lightning_alphaedit.callbacks.capability import CapabilityConfig, CapabilityMonitor
+from lightning_alphaedit.callbacks.edit_progress import EditProgressBar
 
 STANDARD_MONITORS = {
     "drift": DriftMonitor,
@@ -24,6 +26,6 @@ STANDARD_MONITORS = {
 they run: after the update (they read what it did)."""
 
 __all__ = [
-    "CapabilityConfig", "CapabilityMonitor", "DriftMonitor", "EditCheckpoint", "EditHistory",
+    "CapabilityConfig", "CapabilityMonitor", "DriftMonitor", "EditCheckpoint", "EditHistory", "EditProgressBar",
     "ExportEditedModel", "NullSpaceUpdate", "STANDARD_MONITORS", "find_callback", "require_callback",
 ]

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 
 from lightning_alphaedit.callbacks.find import require_callback
 from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
-from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.run_folder import run_directory
 
 
 class EditCheckpoint(pl.Callback):

@@ -22,7 +22,7 @@ from lightning_alphaedit.callbacks.find import find_callback, require_callback
 from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
 from lightning_alphaedit.evaluation import TEACHER_FORCED
 from lightning_alphaedit.wild import WILD_PREFIX
-from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE, run_directory
+from lightning_alphaedit.run_folder import HISTORY_FILE, RESULTS_FILE, run_directory
 from lightning_alphaedit.paths import write_text_atomic
 from lightning_alphaedit.timing import EDIT_PHASES, format_seconds, peak_memory
 

@@ -18,7 +18,8 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_alphaedit.callbacks.find import require_callback
 from lightning_alphaedit.callbacks.null_space_update import NullSpaceUpdate
-from lightning_alphaedit.export import EDITED_MODEL, base_model_source, check_export_target, export_edited_model, run_directory
+from lightning_alphaedit.export import base_model_source, check_export_target, export_edited_model
+from lightning_alphaedit.run_folder import EDITED_MODEL, run_directory
 from lightning_alphaedit.timing import format_seconds
 
 log = logging.getLogger(__name__)

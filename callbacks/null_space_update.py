@@ -278,7 +278,8 @@ class NullSpaceUpdate(pl.Callback):
             generation = " with generation" if pl_module.evaluation.generation else ""
             with timed(self.timing, "baseline", pl_module.device,
                        announce=f"unedited baseline on {len(stream.requests)} requests{generation}"):
-                pl_module.measure_baseline(stream.requests, stream.eval_batch_size)
+                pl_module.measure_baseline(stream.requests, stream.eval_batch_size,
+                                           progress=trainer.progress_bar_callback is not None)
         # Strategies that restore checkpoints after on_fit_start bring the edits back here.
         if self._restored is not None:
             self._restore(self._restored, pl_module)

@@ -291,6 +291,8 @@ def null_space(second_moment: torch.Tensor, threshold: float | None = 2e-2, rule
         raise ValueError(f"second_moment must be square (d_in, d_in), got shape {_shape(second_moment)}")
     if not bool(torch.isfinite(second_moment).all()):
         raise ValueError("second_moment contains non-finite values (nan or inf)")
+    if threshold is None:
+        threshold = default_threshold(rule)  # refuses an unknown rule too
     kept_dimension(torch.ones(1), rule, threshold)  # checks rule and threshold before the eigh
 
     out_dtype = second_moment.dtype if second_moment.dtype in (torch.float32, torch.float64) else torch.float32

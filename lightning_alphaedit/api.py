@@ -24,7 +24,7 @@ import yaml
 from lightning_alphaedit.ask import Answers, ask
 from lightning_alphaedit.callbacks import ExportEditedModel, NullSpaceUpdate, find_callback
 from lightning_alphaedit.cli import AlphaEditCLI, _cli, quiet_lightning
-from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.run_folder import run_directory
 from lightning_alphaedit.requests import EditDataError, EditRequest, _parse_project_record, _Where, write_jsonl
 from lightning_alphaedit.targets import ModelTargets
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_alphaedit.export import DELTAS_FILE, EDITED_MODEL, EDITS_FILE, SUMMARY_FILE
+from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE, SUMMARY_FILE
+from lightning_alphaedit.run_folder import EDITED_MODEL
 from lightning_alphaedit.requests import EditRequest, read_jsonl, read_requests
 from lightning_alphaedit.scoring import generate, starts_with_answer
 from lightning_alphaedit.wild import answers as free_answers, contains

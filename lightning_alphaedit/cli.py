@@ -2,6 +2,7 @@
 
     lightning-alphaedit fit --config configs/tiny.yaml
     lightning-alphaedit fit --config configs/llama3-8b.yaml --data.limit 2000
+    lightning-alphaedit statistics --config configs/llama3-8b.yaml --statistics.output stats/
     lightning-alphaedit trace --config configs/demo.yaml --trace.limit 20
     lightning-alphaedit spectrum --config configs/demo.yaml
     lightning-alphaedit report RUN_DIR [RUN_DIR ...]
@@ -12,7 +13,8 @@ section, and runs causal tracing instead of training. ``report`` draws the figur
 finished runs against the number of edits (see `lightning_alphaedit.report`); ``spectrum``
 shows the key statistics' eigenvalues and the null space each selection rule keeps;
 ``ask`` answers prompts with the unedited and the edited model side by side (see
-`lightning_alphaedit.ask`).
+`lightning_alphaedit.ask`); ``statistics`` computes the key statistics a ``fit`` of the same
+config would, and nothing else (resumable; exportable with a manifest).
 
 Configs are parsed in OmegaConf mode (``${...}`` interpolation works). The
 ``NullSpaceUpdate`` callback is always present and configured under ``edit:``; the standard
@@ -31,15 +33,24 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_alphaedit import __version__
 from lightning_alphaedit.ask import main as ask_main
-from lightning_alphaedit.callbacks import STANDARD_MONITORS, EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
+from lightning_alphaedit.callbacks import (
+    STANDARD_MONITORS,
+    EditHistory,
+    EditProgressBar,
+    ExportEditedModel,
+    NullSpaceUpdate,
+    find_callback,
+)
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.evaluation import RATES
 from lightning_alphaedit.wild import WILD_PREFIX
-from lightning_alphaedit.export import run_directory
+from lightning_alphaedit.run_folder import run_directory
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.module import AlphaEditModule
 from lightning_alphaedit.report import main as report_main
@@ -48,7 +59,13 @@ from lightning_alphaedit.spectrum import SpectrumConfig, parse_rule, spectrum_ro
 from lightning_alphaedit.spectrum import eigenvalues as spectrum_eigenvalues
 from lightning_alphaedit.spectrum import format_table as format_spectrum
 from lightning_alphaedit.spectrum import save as save_spectrum
-from lightning_alphaedit.statistics import layer_statistics
+from lightning_alphaedit.statistics import (
+    CollectionStopped,
+    StatisticsCommandConfig,
+    export_statistics,
+    layer_statistics,
+    statistics_keys,
+)
 from lightning_alphaedit.timing import timed
 from lightning_alphaedit.trace import (
     TraceConfig,
@@ -73,20 +90,76 @@ class SaveRunConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": self.config.as_dict()})
 
 
+COMMANDS = {
+    "fit": "edit a model with a stream of edit requests: statistics, value steps, projected weight "
+           "updates, validation after every edit epoch, the test stage, the edited model saved",
+    "ask": "answer prompts with the unedited and an edited model side by side",
+    "statistics": "compute (or go on computing) the key statistics a fit with the same config needs, "
+                  "and nothing else; --statistics.output DIR exports them for another machine",
+    "trace": "causal tracing: which layers carry the facts of the edit stream's subjects",
+    "spectrum": "the key statistics' eigenvalues and the null space each selection rule keeps",
+    "report": "figures against the number of edits, and a table of final figures, from finished runs",
+}
+"""Every command of ``lightning-alphaedit``, with what it does (the top-level help)."""
+
+
+TOOL = ("Knowledge editing with AlphaEdit (and MEMIT, PRUNE, RECT, FT) on PyTorch Lightning: change facts "
+        "inside a language model, keep everything else it knows.")
+
+
+def usage() -> str:
+    """The top-level help: what the tool is, and every command in one line."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: lightning-alphaedit COMMAND [options]",
+        "",
+        TOOL,
+        "",
+        "commands:",
+        *(f"  {name:{width}s}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help     show this help and exit",
+        "  --version      show the version and exit",
+        "  --debug        show the traceback behind an error message",
+        "",
+        "lightning-alphaedit COMMAND --help lists a command's options, e.g.",
+        "  lightning-alphaedit fit --config configs/demo.yaml",
+        "  lightning-alphaedit fit --help",
+    ]
+    return "\n".join(lines)
+
+
 class AlphaEditCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: an edit run is a fit; Lightning's validate, test and predict would run
+        an unedited module outside the edit stream, which nothing in this project needs."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NullSpaceUpdate, "edit")
         for key, monitor in STANDARD_MONITORS.items():
             parser.add_lightning_class_args(monitor, key)
         parser.add_class_arguments(TraceConfig, "trace", fail_untyped=False)
         parser.add_class_arguments(SpectrumConfig, "spectrum", fail_untyped=False)
+        parser.add_class_arguments(StatisticsCommandConfig, "statistics", fail_untyped=False)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer with ``edit`` and the standard monitors, less those configured ``enabled: false``."""
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks = [cb for cb in callbacks if getattr(cb, "enabled", True)]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, callbacks)
+        configured = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(cb, ProgressBar) for cb in configured
+        ):
+            callbacks.append(EditProgressBar())
+        trainer = self._instantiate_trainer(trainer_config, callbacks)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                _quiet_wandb(logger)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """A ``ckpt_path`` must be one of this framework's checkpoints (refused clearly otherwise).
@@ -127,6 +200,17 @@ class AlphaEditCLI(LightningCLI):
                 logger.experiment.finish()
 
 
+def _quiet_wandb(logger: WandbLogger) -> None:
+    """Removes the causes of two W&B warnings nobody can act on: Lightning passes
+    ``anonymous=None``, which W&B reports as a deprecated setting, and W&B looks for a git
+    repository in the run folder before it exists. Other W&B warnings still show."""
+    init = getattr(logger, "_wandb_init", None)  # Lightning's arguments for wandb.init
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+
+
 def format_results(unedited: dict[str, float], edited: dict[str, float], results_path=None) -> str:
     """The unedited and edited figures side by side (rates in %, fluency and consistency as is)."""
     wild = [n for n in dict.fromkeys([*unedited, *edited]) if n.startswith(WILD_PREFIX)]
@@ -148,6 +232,7 @@ EXPECTED_WARNINGS = (
     ".*configure_optimizers` returned `None`",  # δ has its own optimizer inside each step
     ".*Total length of `DataLoader` across ranks is zero",  # no edits to validate before the first
     ".*isinstance\\(treespec, LeafSpec\\)",  # Lightning's own deprecation, nothing to act on
+    ".*args parameter is intended",  # the CLI hands LightningCLI the arguments it has read itself
 )
 """Lightning warnings about choices this design makes on purpose (silenced in the CLI only)."""
 
@@ -179,20 +264,32 @@ def run(args: list[str] | None = None) -> AlphaEditCLI | Path:
     os.environ.setdefault("WANDB_MODE", "offline")
     quiet_lightning()
     args = sys.argv[1:] if args is None else list(args)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if args else 2)
+    if args[0] == "--version":
+        print(f"lightning-alphaedit {__version__}")
+        raise SystemExit(0)
+    if args[0] not in COMMANDS and not args[0].startswith("-"):
+        raise SystemExit(f"lightning-alphaedit: unknown command {args[0]!r}; the commands are "
+                         f"{', '.join(COMMANDS)} (lightning-alphaedit --help)")
     if args and args[0] == "report":
         return report_main(args[1:])
     if args and args[0] == "ask":
         return ask_main(args[1:])
-    if args and args[0] in ("trace", "spectrum"):
+    if args and args[0] in ("trace", "spectrum", "statistics"):
         with warnings.catch_warnings():  # args differ from sys.argv by the subcommand, on purpose
             warnings.filterwarnings("ignore", message=".*args parameter is intended")
-            cli = _cli(args[1:], run=False)
-        (trace if args[0] == "trace" else spectrum)(cli)
+            cli = _cli(args[1:], run=False, prog=f"lightning-alphaedit {args[0]}", description=COMMANDS[args[0]])
+        {"trace": trace, "spectrum": spectrum, "statistics": statistics}[args[0]](cli)
         return cli
     return _cli(args)
 
 
-def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -> AlphaEditCLI:
+def _cli(
+    args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI, prog: str = "lightning-alphaedit",
+    description: str | None = None,
+) -> AlphaEditCLI:
     # the configs' field docstrings are the options' --help texts
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     wandb = sys.modules.get("wandb")
@@ -201,7 +298,7 @@ def _cli(args, run: bool = True, cli_class: type[AlphaEditCLI] = AlphaEditCLI) -
         return cli_class(
             AlphaEditModule,
             EditStreamDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "prog": "lightning-alphaedit"},
+            parser_kwargs={"parser_mode": "omegaconf", "prog": prog, "description": description or TOOL},
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"save_to_log_dir": False},
             auto_configure_optimizers=False,
@@ -259,11 +356,49 @@ def spectrum(cli: AlphaEditCLI) -> list[dict]:
     return rows
 
 
+def statistics(cli: AlphaEditCLI) -> dict:
+    """The key statistics a ``fit`` with this config needs, into the same cache under the same key
+    (that fit then starts editing at once); with ``statistics.output``, exported with a manifest."""
+    config = cli.config_init["statistics"]
+    module = cli.model
+    module.configure_model()
+    module.lm.to(cli.trainer.strategy.root_device)
+    update = find_callback(cli.trainer, NullSpaceUpdate)
+    corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
+    arguments = (module.lm, module.tokenizer, module.targets, update.layers, update.statistics, module.lm_config.identity, corpus)
+    with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
+        try:
+            moments = layer_statistics(*arguments)
+        except CollectionStopped as stopped:
+            raise SystemExit(f"lightning-alphaedit statistics: {stopped}") from None
+    for layer, m in sorted(moments.items()):
+        print(f"layer {layer}: {m.count:,} tokens")
+    if config.output:
+        print(f"exported: {export_statistics(moments, statistics_keys(*arguments), config.output)}")
+    return moments
+
+
+DEBUG_VARIABLE = "LIGHTNING_ALPHAEDIT_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the traceback behind an error message."""
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped."""
+    """The ``lightning-alphaedit`` console script: exits non-zero when a fit edited nothing or stopped.
+
+    A refusal (bad data, a checkpoint that does not fit, a missing file) is one message and exit
+    status 1, not a traceback; ``--debug`` or ``LIGHTNING_ALPHAEDIT_DEBUG=1`` shows the traceback.
+    """
     if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a log file (SLURM) sees each line as it is written
-    cli = run(args)
+    args = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in args or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        cli = run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        if debug:
+            raise
+        sys.exit(f"lightning-alphaedit: {error}\n(--debug shows where it came from)")
     if isinstance(cli, AlphaEditCLI) and cli.subcommand == "fit":
         update = find_callback(cli.trainer, NullSpaceUpdate)
         if update.failure:

@@ -1,4 +1,4 @@
-"""The evaluation protocol of ALGORITHM.md §7 on a list of edit requests.
+"""The evaluation protocol of docs/method.md §7 on a list of edit requests.
 
 For a prompt p and answer a, NLL(p, a) is the mean over a's tokens of -log P(a_j | p, a_<j).
 Per request (CounterFact):

@@ -1,4 +1,5 @@
-"""Where a run writes, and the edited model it leaves behind (loadable by plain transformers)."""
+"""The edited model a run leaves behind (loadable by plain transformers), and the checks that
+keep an export from replacing anyone's files."""
 
 from __future__ import annotations
 
@@ -18,15 +19,8 @@ from lightning_alphaedit.requests import EditRequest, write_jsonl
 DELTAS_FILE = "alphaedit_deltas.safetensors"
 EDITS_FILE = "alphaedit_edits.jsonl"
 SUMMARY_FILE = "alphaedit_summary.json"
-"""In an export: its settings and counts, and the files it wrote (what marks a folder as an export)."""
-HISTORY_FILE = "metrics.jsonl"
-"""In the run folder: one JSON line per validation (edits applied, scores, drift)."""
-RESULTS_FILE = "results.json"
-"""In the run folder: the test-stage protocol, the unedited baseline and the history."""
-SUMMARY_FILE = "alphaedit_summary.json"
-"""In the edited model's folder: the method, its settings and the base model it was made from."""
-EDITED_MODEL = "edited_model"
-"""The edited model's folder inside a run folder (unless ``export.dir`` says otherwise)."""
+"""In an export: the method, its settings, the base model it was made from and the files it
+wrote (what marks a folder as an export)."""
 
 
 def base_model_source(config) -> dict:
@@ -39,17 +33,6 @@ def base_model_source(config) -> dict:
         "name_or_path": name, "revision": config.revision, "gguf_file": config.gguf_file, "dtype": config.dtype,
         "tiny": asdict(config.tiny) if name is None and config.tiny is not None else None,
     }
-
-
-def run_directory(trainer) -> Path:
-    """The run's own folder: the logger's ``save_dir/name/version`` (where Lightning puts
-    checkpoints), or ``default_root_dir`` without a logger."""
-    logger = trainer.logger
-    if logger is None:
-        return Path(trainer.default_root_dir)
-    root = Path(logger.save_dir or trainer.default_root_dir)
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return root / str(logger.name) / version
 
 
 def check_export_target(directory: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
@@ -98,9 +81,7 @@ def _not_written_by_export(target: Path, entries: list[str]) -> list[str]:
         written = json.loads(summary.read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         return entries
-    if written is None:  # an export from before the summary listed its files: all of it is the export
-        return []
-    if not isinstance(written, list):
+    if not isinstance(written, list):  # no list of what it wrote: nothing in it is known to be an export's
         return entries
     allowed = set(written) | {str(parent.as_posix()) for f in written for parent in PurePosixPath(f).parents}
     return [e for e in entries if e not in allowed]

@@ -1,4 +1,4 @@
-"""The paper's text metrics and the drift ratio as torchmetrics (ALGORITHM.md §7).
+"""The paper's text metrics and the drift ratio as torchmetrics (docs/method.md §7).
 
 Each is a `torchmetrics.Metric`: usable alone (``update`` then ``compute``) and inside the
 Lightning loop, where its states are summed across processes like any other metric. The

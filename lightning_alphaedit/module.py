@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
+from tqdm.auto import tqdm
 
 from lightning_alphaedit.chat import FORMS, render_template, require_chat_template
 from lightning_alphaedit.collective import Collective
@@ -148,7 +149,7 @@ class AlphaEditModule(pl.LightningModule):
             self.context_templates = [render_template(self.tokenizer, form, t) for form, t in pairs]
             self.chat_templates = [form == "chat" for form, _ in pairs]
 
-    def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int) -> dict[str, float]:
+    def measure_baseline(self, requests: Sequence[EditRequest], batch_size: int, progress: bool = False) -> dict[str, float]:
         """The unedited model's scores (every test-stage figure) on every request of the stream,
         measured once before the first edit (kept in checkpoints) and logged.
 
@@ -158,7 +159,8 @@ class AlphaEditModule(pl.LightningModule):
         if self.baseline is None:
             evaluation = EditEvaluation(self.evaluation, self.seed).to(self.device)
             chunks = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
-            for chunk in chunks[self.collective.rank :: self.collective.world_size]:  # the test loader's shards
+            mine = chunks[self.collective.rank :: self.collective.world_size]  # the test loader's shards
+            for chunk in tqdm(mine, desc="unedited baseline", unit="batch", disable=not progress, leave=False):
                 evaluation.update(self.lm, self.tokenizer, self.targets, chunk, generation=True, wild=True,
                                   wild_reference=self.wild_reference, record_wild=True)
             self.baseline = evaluation.compute()

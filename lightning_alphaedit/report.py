@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_alphaedit.export import HISTORY_FILE, RESULTS_FILE
+from lightning_alphaedit.run_folder import HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.paths import atomic_file, write_text_atomic
 from lightning_alphaedit.timing import timed
 from lightning_alphaedit.update import method_label

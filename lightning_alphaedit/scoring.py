@@ -2,7 +2,7 @@
 
 Plain torch and transformers, no Lightning and no aggregation: each function returns one
 value per prompt, and `lightning_alphaedit.metrics` turns them into the paper's figures
-(ALGORITHM.md §7). Teacher forcing reads the vocabulary only at the answer's positions
+(docs/method.md §7). Teacher forcing reads the vocabulary only at the answer's positions
 (`readout.logits_at`), so a 128k-token head costs a few rows per prompt, not the sequence.
 """
 

@@ -1,4 +1,4 @@
-"""The per-batch closed-form update of MEMIT / AlphaEdit, applied layer by layer (ALGORITHM.md §5).
+"""The per-batch closed-form update of MEMIT / AlphaEdit, applied layer by layer (docs/method.md §5).
 
 Plain torch (no Lightning): the ``NullSpaceUpdate`` callback drives it, tests call it
 directly. A batch is a transaction: the edited layers are snapshotted first and restored
@@ -22,7 +22,7 @@ from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.timing import timed
 
 METHODS = ("alphaedit", "memit", "prune", "rect", "ft")
-"""The editing methods (ALGORITHM.md section 5 and the paper's Table 1):
+"""The editing methods (docs/method.md §5 and the paper's Table 1):
 
 - ``alphaedit``: the update solved inside the null space of the preserved keys;
 - ``memit``: the least-squares update weighted by C0 (the baseline);
@@ -119,7 +119,7 @@ class SequentialEditor:
     """Holds what the method needs per edited layer and applies edit batches in order.
 
     Under several processes (``collective``), rank 0 computes and applies each layer's update
-    and every rank receives the result (see `lightning_alphaedit.distributed`); the caller's
+    and every rank receives the result (`lightning_alphaedit.collective`); the caller's
     ``keys_at`` and ``current_values`` must then return the rows of the whole batch on every rank.
 
     AlphaEdit keeps the null-space basis Û of C0 and the sequential cache in the subspace,

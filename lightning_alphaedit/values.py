@@ -51,7 +51,7 @@ EARLY_STOP_RULES = (None, "most_probable")
 
 @dataclass
 class ValueOptimizationConfig:
-    """Hyperparameters of the value-vector optimization (ALGORITHM.md section 4)."""
+    """Hyperparameters of the value-vector optimization (docs/method.md §4)."""
 
     num_grad_steps: int = 25
     """Forward passes at most per batch (the last one only measures the loss)."""

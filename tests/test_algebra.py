@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lightning_alphaedit.algebra import (
+    default_threshold,
     KeyMoments,
     NullSpace,
     alphaedit_delta,
@@ -175,7 +176,8 @@ def test_null_space_known_spectrum(dtype):
     assert (P - U_null @ U_null.T).abs().max() < 10 * tol  # the known null space
     assert (P @ U_kept).abs().max() < 10 * tol  # annihilates large-eigenvalue eigenvectors
     assert (P @ U_null - U_null).abs().max() < 10 * tol  # keeps the small ones
-    torch.testing.assert_close(null_space_projector(C0.to(dtype)), ns.projector())
+    known = U_null @ U_null.T  # (d, d) from the spectrum the test built, not from null_space
+    assert (null_space_projector(C0.to(dtype)).to(F64) - known).abs().max() < 10 * tol
 
 
 def test_null_space_rank_follows_threshold():
@@ -189,6 +191,19 @@ def test_null_space_rank_follows_threshold():
         if rank == 0:
             assert ns.basis.shape == (24, 0)
             assert (ns.projector() == 0).all()
+
+
+def test_null_space_without_a_threshold_uses_the_rules_default():
+    """threshold None means each rule's documented default, counted on a known spectrum."""
+    g = gen(5)
+    Q = random_orthogonal(24, g)
+    lam = torch.tensor([1e-6, 1e-4, 5e-3, 1.5e-2, 3e-2, 0.1] + [1.0] * 18, dtype=F64)
+    C0 = Q @ torch.diag(lam) @ Q.T
+    expected = {"absolute": 4, "relative": 3, "fraction": 16, "energy": 11}  # < 2e-2; < 1e-2 x 1; floor(0.7 x 24); 0.15 + 5 <= 0.3 x 18.15
+    for rule, rank in expected.items():
+        space = null_space(C0, threshold=None, rule=rule)
+        assert space.rank == rank, rule
+        assert space.threshold == default_threshold(rule)
 
 
 def test_null_space_symmetrises_input():

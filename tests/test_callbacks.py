@@ -21,7 +21,8 @@ from lightning_alphaedit.callbacks import (
 )
 from lightning_alphaedit.cli import run
 from lightning_alphaedit.drift import DriftConfig, DriftReference
-from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE, HISTORY_FILE, RESULTS_FILE
+from lightning_alphaedit.export import DELTAS_FILE, EDITS_FILE
+from lightning_alphaedit.run_folder import HISTORY_FILE, RESULTS_FILE
 from lightning_alphaedit.requests import read_requests
 from lightning_alphaedit.resume import read_checkpoint
 from lightning_alphaedit.wild import FIGURES

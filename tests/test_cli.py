@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ import torch
 import yaml
 from lightning_alphaedit.callbacks import EditHistory, ExportEditedModel, NullSpaceUpdate, find_callback
 
-from lightning_alphaedit.cli import AlphaEditCLI, run
+from lightning_alphaedit import __version__
+from lightning_alphaedit.cli import COMMANDS, AlphaEditCLI, run
 from lightning_alphaedit.datamodule import EditStreamDataModule
 from lightning_alphaedit.module import AlphaEditModule
 
@@ -47,7 +52,9 @@ def test_config_loads(config):
 
 def test_fit_on_the_tiny_config(tmp_path, capsys):
     config = next(p for p in CONFIGS if p.stem == "tiny")
+    started = time.perf_counter()
     cli = run(["fit", "--config", str(config), "--data.limit", "8", "--trainer.enable_progress_bar", "false"])
+    elapsed = time.perf_counter() - started
     update = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NullSpaceUpdate))
     assert update.edits_applied == 8
     root = Path(cli.trainer.default_root_dir)
@@ -68,7 +75,9 @@ def test_fit_on_the_tiny_config(tmp_path, capsys):
     assert {"fluency", "drift/kl", "drift/hidden_shift", "drift/output_change_layer2"} <= set(results["edited"])
     phases = {"statistics", "projector", "drift_reference", "baseline", "values", "keys", "solve", "cache",
               "validation", "test"}
-    assert phases <= set(results["timing_seconds"]) and all(v >= 0 for v in results["timing_seconds"].values())
+    timing = results["timing_seconds"]
+    assert phases <= set(timing) and all(timing[p] > 0 for p in phases)  # every phase ran and was timed
+    assert sum(timing.values()) <= elapsed  # disjoint phases of this run, within its wall time
     assert results["memory"]["process_peak_rss_bytes"] > 100 * 2**20
     history = [json.loads(line) for line in (Path(find_callback(cli.trainer, EditHistory).results_path).parent / "metrics.jsonl").read_text().splitlines()]
     assert [h["edits"] for h in history] == [0, 8] and "drift/kl" in history[1]
@@ -171,3 +180,90 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
     message = str(error.value)
     assert f"{bad} is" in message and "not a lightning-alphaedit checkpoint" in message, message
     assert "weights_only" not in message
+
+
+def _command(*args: str, cwd: Path = ROOT, **environment: str) -> subprocess.CompletedProcess:
+    """``lightning-alphaedit ARGS`` as a user runs it: a process of its own."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **environment}
+    return subprocess.run([sys.executable, "-m", "lightning_alphaedit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_top_level_help_lists_every_command_and_nothing_else():
+    for flags, status in ((["--help"], 0), (["-h"], 0), ([], 2)):
+        done = _command(*flags)
+        assert done.returncode == status, done.stderr[-2000:]
+        assert "Knowledge editing" in done.stdout
+        listed = re.findall(r"^  (\w+)  ", done.stdout, flags=re.MULTILINE)
+        assert listed == list(COMMANDS), listed
+        assert "Lightning Trainer command line tool" not in done.stdout
+    version = _command("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"lightning-alphaedit {__version__}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_its_own_help(command):
+    done = _command(command, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"lightning-alphaedit {command}" in done.stdout.split("\n\n")[0]  # the usage names the command
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict", "edit"])
+def test_a_command_that_is_not_offered_is_refused_with_the_list(command):
+    done = _command(command, "--config", str(ROOT / "configs" / "tiny.yaml"))
+    assert done.returncode != 0
+    assert f"unknown command {command!r}" in done.stderr and ", ".join(COMMANDS) in done.stderr
+
+
+def test_a_run_shows_edit_epochs_and_no_unactionable_warnings(tmp_path):
+    """The progress bar counts edit epochs of the stream; the W&B warnings nobody can act on are gone."""
+    done = _command(
+        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.limit", "8", "--data.edits_per_epoch", "4",
+        "--model.evaluation.generation", "false", "--model.evaluation.wild.enabled", "false",
+        "--export.enabled", "false", "--trainer.enable_progress_bar", "true",
+        LIGHTNING_ALPHAEDIT_RUNS=str(tmp_path / "runs"), LIGHTNING_ALPHAEDIT_CACHE=str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "edit epoch 1 of 2" in output and "edit epoch 2 of 2" in output
+    assert "Epoch 1/-2" not in output and "/-2" not in output
+    assert "anonymous setting" not in output and "git root" not in output
+
+
+def test_statistics_as_a_job_of_their_own_then_a_fit_on_another_machine(tmp_path, monkeypatch, capsys):
+    """``statistics`` fills the cache a fit with the same config reads (that fit collects nothing)
+    and exports the files; a fit elsewhere (an empty cache) uses the export with
+    ``edit.statistics.file`` and collects nothing either."""
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    quick = ["--data.limit", "4", "--model.evaluation.generation", "false", "--model.evaluation.wild.enabled", "false",
+             "--export.enabled", "false", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(tmp_path / "here"))
+    run(["statistics", "--config", tiny, "--statistics.output", str(tmp_path / "shared")])
+    printed = capsys.readouterr().out
+    assert "layer 1:" in printed and "layer 2:" in printed and "manifest.json" in printed
+    entries = sorted((tmp_path / "here" / "statistics").glob("layer*.safetensors"))
+    assert len(entries) == 2
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    cli = run(["fit", "--config", tiny, *quick])
+    assert find_callback(cli.trainer, NullSpaceUpdate).edits_applied == 4
+    assert sorted((tmp_path / "here" / "statistics").glob("layer*.safetensors")) == entries  # the same entries,
+    assert [p.stat().st_mtime_ns for p in entries] == stamps  # read, not rewritten
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("LIGHTNING_ALPHAEDIT_RUNS", str(tmp_path / "runs-elsewhere"))
+    cli = run(["fit", "--config", tiny, *quick, "--edit.statistics.file", str(tmp_path / "shared")])
+    assert find_callback(cli.trainer, NullSpaceUpdate).edits_applied == 4
+    assert not list((tmp_path / "elsewhere").rglob("layer*.safetensors"))  # nothing collected there
+
+
+def test_a_refusal_is_one_message_and_status_1_and_debug_shows_the_traceback(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text(json.dumps({"case_id": "x", "subject": "Germany", "prompt": "The capital of {} is"}) + "\n")
+    arguments = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(data),
+                 "--trainer.logger", "false"]
+    environment = dict(LIGHTNING_ALPHAEDIT_RUNS=str(tmp_path / "runs"), LIGHTNING_ALPHAEDIT_CACHE=str(tmp_path / "cache"))
+    done = _command(*arguments, **environment)
+    assert done.returncode == 1
+    assert "broken.jsonl" in done.stderr and "missing" in done.stderr and "Traceback" not in done.stderr
+    debug = _command(*arguments, "--debug", **environment)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -200,7 +200,7 @@ def test_options_through_the_trainer(tmp_path):
     from test_pipeline import build
 
     from lightning_alphaedit.callbacks import DriftMonitor, EditHistory
-    from lightning_alphaedit.export import run_directory
+    from lightning_alphaedit.run_folder import run_directory
     from lightning_alphaedit.norm_anchor import NormAnchorConfig
 
     module, data, update = build(

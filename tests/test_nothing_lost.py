@@ -121,6 +121,18 @@ def test_an_earlier_export_is_replaced_only_when_it_holds_nothing_else(tmp_path)
         check_export_target(tmp_path / "file")
 
 
+def test_a_summary_without_a_file_list_does_not_make_a_folder_replaceable(tmp_path):
+    """A folder with a summary that lists no files may hold anything of anyone's: it is refused,
+    every file named, never replaced."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("x")
+    (folder / "thesis.tex").write_text("mine")
+    (folder / SUMMARY_FILE).write_text(json.dumps({"method": "alphaedit"}))
+    with pytest.raises(ValueError, match="thesis.tex"):
+        check_export_target(folder)
+
+
 def test_written_files_and_folders_follow_the_umask(tmp_path):
     previous = os.umask(0o027)
     try:

@@ -17,11 +17,14 @@ from safetensors.torch import save_file
 
 from lightning_alphaedit.corpus import load_corpus
 from lightning_alphaedit.statistics import (
+    CollectionStopped,
     StatisticsCache,
     StatisticsConfig,
     collect_key_moments,
+    export_statistics,
     layer_statistics,
     model_fingerprint,
+    statistics_keys,
 )
 from lightning_alphaedit.targets import ModelTargets
 from lightning_alphaedit.tiny import TinyModelConfig, tiny_model_and_tokenizer
@@ -180,9 +183,9 @@ def test_finite_garbage_under_a_valid_header_is_rebuilt(tiny, tmp_path, caplog):
     assert cache.load(json.loads(safe_open(str(path), framework="pt").metadata()["key"])) is not None
 
 
-def test_a_cache_written_before_checksums_is_kept_and_gets_them(tiny, tmp_path):
-    """An entry without checksums (an older version wrote it) is used as it is, not recomputed
-    (on a large model that is hours of work), and its checksums are added."""
+def test_a_cache_entry_without_checksums_is_recomputed(tiny, tmp_path, caplog):
+    """Nothing vouches for an entry without checksums: replaced by another valid file of the right
+    shapes (here zeros) under the right key, it must be recomputed, not used."""
     model, tokenizer, targets = tiny
     config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path), progress=False)
     corpus = load_corpus(config.corpus)
@@ -190,16 +193,17 @@ def test_a_cache_written_before_checksums_is_kept_and_gets_them(tiny, tmp_path):
     (path,) = (tmp_path / "statistics").glob("*.safetensors")
     with safe_open(str(path), framework="pt") as f:
         metadata, state = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
-    save_file(state, str(path), metadata={"key": metadata["key"]})  # as the older version wrote it
+    forged = {"sum": torch.zeros_like(state["sum"]), "count": state["count"]}
+    save_file(forged, str(path), metadata={"key": metadata["key"]})  # the key is right, no checksums
     calls, handle = count_forwards(model)
     try:
-        loaded = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+        with caplog.at_level(logging.WARNING, logger="lightning_alphaedit.statistics"):
+            loaded = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
     finally:
         handle.remove()
-    assert not calls, "an older entry must be used, not recomputed"
+    assert calls, "an entry without checksums must be recomputed"
+    assert "no content checksums" in caplog.text
     assert torch.equal(loaded.sum, built.sum) and loaded.count == built.count
-    with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["sha256"]) == json.loads(metadata["sha256"])
 
 
 TWO_RUNS = """
@@ -285,3 +289,113 @@ def test_chat_fraction_renders_a_spread_share_of_documents_and_is_its_own_cache_
                              "tiny-test", corpus)
     assert len(list((tmp_path / "statistics").glob("*.safetensors"))) == 2
     assert not torch.equal(plain[1].sum, chat[1].sum)
+
+
+class Crash(Exception):
+    """A process dying at a chosen batch (a kill, an out-of-memory error, a node failure)."""
+
+
+def crash_at(model, batch: int):
+    """A forward pre-hook raising `Crash` on the ``batch``-th forward pass (0-based)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(1)
+        if len(seen) == batch + 1:
+            raise Crash(f"killed at batch {batch}")
+
+    return model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_a_collection_killed_at_random_points_goes_on_to_the_same_bits(tiny, tmp_path):
+    """Partial sums saved every 4 documents; the collection dies at three random batches in turn
+    (between saves too) and the same call goes on each time: the end is the uninterrupted C0, bitwise,
+    and no partial file is left."""
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=40, max_length=32, batch_size=3, save_every=4,
+                              cache_dir=str(tmp_path / "interrupted"), progress=False)
+    corpus = load_corpus(config.corpus)
+    whole = layer_statistics(model, tokenizer, targets, [0, 2], StatisticsConfig(
+        **{**config.__dict__, "cache_dir": str(tmp_path / "whole")}), "tiny-test", corpus)
+    points = sorted(torch.randperm(13, generator=torch.Generator().manual_seed(0))[:3].tolist())
+    for point in points:
+        handle = crash_at(model, point)
+        try:
+            with pytest.raises(Crash):
+                layer_statistics(model, tokenizer, targets, [0, 2], config, "tiny-test", corpus)
+        finally:
+            handle.remove()
+        assert list((tmp_path / "interrupted" / "statistics").glob("partial-*")) or point < 2
+    forwards, handle = count_forwards(model)
+    try:
+        resumed = layer_statistics(model, tokenizer, targets, [0, 2], config, "tiny-test", corpus)
+    finally:
+        handle.remove()
+    assert len(forwards) < 14  # it went on: fewer than the 14 batches of a full collection
+    for layer in (0, 2):
+        assert torch.equal(resumed[layer].sum, whole[layer].sum) and resumed[layer].count == whole[layer].count
+    assert not list((tmp_path / "interrupted" / "statistics").glob("partial-*"))
+
+
+def test_sigterm_saves_the_partial_sums_and_stops(tiny, tmp_path):
+    """SIGTERM (what a scheduler sends before a time limit) during a collection: the sums are saved
+    at the next batch boundary, `CollectionStopped` says so, and the next call ends on the same bits."""
+    import signal
+
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=30, max_length=32, batch_size=4, save_every=1000,
+                              cache_dir=str(tmp_path), progress=False)
+    corpus = load_corpus(config.corpus)
+    reference = collect_key_moments(model, tokenizer, targets, [1], corpus.texts[:30], 32, batch_size=4)
+    calls = []
+
+    def terminate(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(terminate, with_kwargs=True)
+    try:
+        with pytest.raises(CollectionStopped, match="after 12 of 30 documents"):
+            layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)
+    finally:
+        handle.remove()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    (partial,) = (tmp_path / "statistics").glob("partial-*")
+    done = layer_statistics(model, tokenizer, targets, [1], config, "tiny-test", corpus)[1]
+    assert torch.equal(done.sum, reference[1].sum) and done.count == reference[1].count
+    assert not partial.exists()
+
+
+def test_exported_statistics_are_used_elsewhere_and_refused_when_they_do_not_fit(tiny, tmp_path):
+    """``export_statistics`` writes one file per layer and a manifest; ``statistics.file`` uses them
+    without computing anything, and refuses them, naming each differing field, for other settings,
+    other layers or changed bytes."""
+    model, tokenizer, targets = tiny
+    config = StatisticsConfig(corpus="tiny-corpus", sample_count=8, max_length=32, cache_dir=str(tmp_path / "a"),
+                              progress=False)
+    corpus = load_corpus(config.corpus)
+    built = layer_statistics(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
+    keys = statistics_keys(model, tokenizer, targets, [0, 1], config, "tiny-test", corpus)
+    manifest = export_statistics(built, keys, tmp_path / "shared")
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["layer0.safetensors", "layer1.safetensors", "manifest.json"]
+    elsewhere = StatisticsConfig(**{**config.__dict__, "cache_dir": str(tmp_path / "b"), "file": str(manifest.parent)})
+    forwards, handle = count_forwards(model)
+    try:
+        used = layer_statistics(model, tokenizer, targets, [0, 1], elsewhere, "another/path/to/it", corpus)
+    finally:
+        handle.remove()
+    assert not forwards
+    for layer in (0, 1):
+        assert torch.equal(used[layer].sum, built[layer].sum) and used[layer].count == built[layer].count
+    other = StatisticsConfig(**{**elsewhere.__dict__, "max_length": 16, "dtype": "float64"})
+    with pytest.raises(ValueError) as refused:
+        layer_statistics(model, tokenizer, targets, [0, 1], other, "tiny-test", corpus)
+    assert "max_length is 32 in the file, 16 for this run" in str(refused.value) and "dtype" in str(refused.value)
+    with pytest.raises(ValueError, match="layer 2: not in the file"):
+        layer_statistics(model, tokenizer, targets, [0, 2], elsewhere, "tiny-test", corpus)
+    raw = bytearray((tmp_path / "shared" / "layer1.safetensors").read_bytes())
+    raw[-4:] = b"\x00\x00\x80\x3f"
+    (tmp_path / "shared" / "layer1.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        layer_statistics(model, tokenizer, targets, [0, 1], elsewhere, "tiny-test", corpus)

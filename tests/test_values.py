@@ -1,4 +1,4 @@
-"""Batched value optimization against a plain one-request-one-row reference of ALGORITHM.md §4."""
+"""Batched value optimization against a plain one-request-one-row reference of docs/method.md §4."""
 
 from __future__ import annotations
 
