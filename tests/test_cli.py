@@ -205,7 +205,8 @@ def test_the_top_level_help_lists_every_command_and_nothing_else():
 def test_every_command_has_its_own_help(command):
     done = _command(command, "--help")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"lightning-alphaedit {command}" in done.stdout.split("\n\n")[0]  # the usage names the command
+    usage = done.stdout.split("\n\n")[0]
+    assert re.match(rf"usage: lightning-alphaedit (\[options\] )?{command}\b", usage), usage  # it names the command
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "predict", "edit"])
@@ -260,7 +261,7 @@ def test_a_refusal_is_one_message_and_status_1_and_debug_shows_the_traceback(tmp
     data = tmp_path / "broken.jsonl"
     data.write_text(json.dumps({"case_id": "x", "subject": "Germany", "prompt": "The capital of {} is"}) + "\n")
     arguments = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(data),
-                 "--trainer.logger", "false"]
+                 "--data.format", "jsonl", "--trainer.logger", "false"]
     environment = dict(LIGHTNING_ALPHAEDIT_RUNS=str(tmp_path / "runs"), LIGHTNING_ALPHAEDIT_CACHE=str(tmp_path / "cache"))
     done = _command(*arguments, **environment)
     assert done.returncode == 1
