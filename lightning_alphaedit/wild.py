@@ -107,7 +107,10 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(answer: str, target: str) -> bool:
-    return normalize_answer(answer) == normalize_answer(target)
+    """The normalised answer is the normalised target; a target with nothing left after
+    normalisation (QAEdit has ")") matches nothing, not every empty answer."""
+    wanted = normalize_answer(target)
+    return bool(wanted) and normalize_answer(answer) == wanted
 
 
 def contains(answer: str, target: str) -> bool:

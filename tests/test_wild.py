@@ -65,6 +65,7 @@ def test_squad_normalisation_exact_match_and_contains():
     assert contains("His rifle was Old Betsy, he said", "Old Betsy")
     assert not contains("Old Betsyville", "Old Betsy")  # whole words only
     assert not contains("anything", "...")  # a target of punctuation only never matches
+    assert not exact_match("", ")") and not exact_match(".", ")")  # QAEdit's ")" target: not every empty answer
 
 
 def test_input_forms_and_the_chat_template_error():
