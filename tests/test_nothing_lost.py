@@ -82,7 +82,7 @@ def test_export_refuses_a_folder_with_a_users_files_before_editing(tmp_path):
     (export / "notes.txt").write_text("my notes")
     (export / "sub" / "important.csv").write_text("a,b\n1,2\n")
     export.chmod(0o755)
-    with pytest.raises(ValueError, match="notes.txt") as error:
+    with pytest.raises(SystemExit, match="notes.txt") as error:  # the console script's message, status 1
         fit("--trainer.logger.init_args.id", "r", "--export.dir", str(export))
     assert str(export) in str(error.value)
     assert (export / "notes.txt").read_text() == "my notes"
@@ -95,7 +95,7 @@ def test_export_into_the_run_folder_is_refused_and_the_run_kept(tmp_path):
     fit("--trainer.logger.init_args.id", "first")
     first = run_folder(tmp_path, "first")
     kept = {p: p.read_bytes() for p in (first / "checkpoints" / "last.ckpt", first / "config.yaml", first / "metrics.jsonl")}
-    with pytest.raises(ValueError, match="export folder"):
+    with pytest.raises(SystemExit, match="export folder"):
         fit("--trainer.logger.init_args.id", "second", "--export.dir", str(first),
             "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
     for path, content in kept.items():
@@ -155,6 +155,6 @@ def test_a_run_whose_batches_were_all_rejected_exits_non_zero(tmp_path, capsys):
 def test_an_empty_stream_is_an_error_before_any_edit(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty.jsonl: no edit requests"):
+    with pytest.raises(SystemExit, match="empty.jsonl: no edit requests"):
         fit("--data.path", str(empty), "--data.format", "jsonl")
     assert not list((tmp_path / "runs").rglob("edited_model"))
