@@ -333,17 +333,24 @@ def trace(cli: AlphaEditCLI) -> TraceResult:
     return result
 
 
-def spectrum(cli: AlphaEditCLI) -> list[dict]:
-    """The eigenvalue spectrum of the config's key statistics and the null space each rule keeps."""
-    config = cli.config_init["spectrum"]
+def _key_statistics(cli: AlphaEditCLI) -> tuple[dict, tuple]:
+    """The config's key statistics (cached or collected) and the arguments that decided them,
+    on the model a fit of that config would load."""
     module = cli.model
-    module.configure_model()
+    module.configure_model()  # the same model, tokenizer and targets an edit run would use
     module.lm.to(cli.trainer.strategy.root_device)
     update = find_callback(cli.trainer, NullSpaceUpdate)
     corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
+    arguments = (module.lm, module.tokenizer, module.targets, update.layers, update.statistics, module.lm_config.identity, corpus)
     with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
-        moments = layer_statistics(module.lm, module.tokenizer, module.targets, update.layers, update.statistics,
-                                   module.lm_config.identity, corpus)
+        return layer_statistics(*arguments), arguments
+
+
+def spectrum(cli: AlphaEditCLI) -> list[dict]:
+    """The eigenvalue spectrum of the config's key statistics and the null space each rule keeps."""
+    config = cli.config_init["spectrum"]
+    module, update = cli.model, find_callback(cli.trainer, NullSpaceUpdate)
+    moments = _key_statistics(cli)[0]
     with timed({}, "spectrum", announce="eigenvalues of the key statistics"):
         spectra = spectrum_eigenvalues(moments)
     configured = (update.nullspace_rule, update.nullspace_threshold)
@@ -360,17 +367,10 @@ def statistics(cli: AlphaEditCLI) -> dict:
     """The key statistics a ``fit`` with this config needs, into the same cache under the same key
     (that fit then starts editing at once); with ``statistics.output``, exported with a manifest."""
     config = cli.config_init["statistics"]
-    module = cli.model
-    module.configure_model()
-    module.lm.to(cli.trainer.strategy.root_device)
-    update = find_callback(cli.trainer, NullSpaceUpdate)
-    corpus = load_corpus(update.statistics.corpus, update.statistics.text_field, update.statistics.cache_dir)
-    arguments = (module.lm, module.tokenizer, module.targets, update.layers, update.statistics, module.lm_config.identity, corpus)
-    with timed({}, "statistics", announce=f"key statistics of layers {update.layers}"):
-        try:
-            moments = layer_statistics(*arguments)
-        except CollectionStopped as stopped:
-            raise SystemExit(f"lightning-alphaedit statistics: {stopped}") from None
+    try:
+        moments, arguments = _key_statistics(cli)
+    except CollectionStopped as stopped:
+        raise SystemExit(f"lightning-alphaedit statistics: {stopped}") from None
     for layer, m in sorted(moments.items()):
         print(f"layer {layer}: {m.count:,} tokens")
     if config.output:
